@@ -1,0 +1,132 @@
+"""RGBA image helpers shared by data preparation, training and previews.
+
+Conventions: numpy images are ``float32`` ``H x W x C`` in [0, 1]; torch images are
+``B x C x H x W`` in [0, 1] unless a name says otherwise. Alpha ``a`` is a separate
+one-channel image. Colour is *straight* (not premultiplied) everywhere except in
+``premultiply_on_grey``.
+"""
+
+from __future__ import annotations
+
+import io
+from os import PathLike
+from typing import BinaryIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+class MissingAlphaError(ValueError):
+    """An image that must be transparent has no alpha channel."""
+
+
+def load_rgba(source: str | PathLike | BinaryIO | bytes, *, name: str | None = None) -> np.ndarray:
+    """Decode a PNG (8- or 16-bit; RGBA, LA or palette with transparency) to float RGBA.
+
+    Pillow reads 16-bit RGBA/LA files as 8-bit, which is the precision our shards store.
+    Raises ``MissingAlphaError`` for images without any alpha information, naming the
+    file, because training on an opaque image as if it were a cut-out is silent garbage.
+    """
+    name = name or (str(source) if not isinstance(source, (bytes, io.IOBase)) else "<bytes>")
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    with Image.open(source) as image:
+        image.load()
+        has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+        if not has_alpha:
+            raise MissingAlphaError(
+                f"{name}: image mode {image.mode!r} has no alpha channel. Transparent training "
+                "data must be RGBA PNGs (or palette PNGs with transparency); export the cut-out "
+                "with its alpha, or drop this file."
+            )
+        if image.mode in ("I;16", "I;16B", "I"):
+            raise MissingAlphaError(f"{name}: 16-bit greyscale without alpha is not supported.")
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+    return rgba
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Encode a float [0, 1] ``H x W x {1,3,4}`` image as an 8-bit PNG."""
+    array = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def pad_transparent_rgb(rgba: np.ndarray, shrink: float = 1.2) -> np.ndarray:
+    """Fill colour under zero alpha with a smooth extension of the visible colour.
+
+    LayerDiffusion Appendix A pads the undefined colour of invisible pixels so the
+    encoder never sees hard edges. We use the released code's alpha pyramid: premultiplied
+    colour and alpha are shrunk by ``shrink`` per level down to one pixel, then rebuilt
+    upward with ``fill = colour_l + fill * (1 - alpha_l)``.
+
+    Unlike the released code we keep the original colour wherever ``alpha > 0``: blending
+    the fill into semi-transparent pixels would change ``alpha * rgb`` and therefore every
+    composite of the layer. A fully transparent image is filled with 50 % grey.
+    """
+    if rgba.ndim != 3 or rgba.shape[2] != 4:
+        raise ValueError(f"pad_transparent_rgb expects H x W x 4, got shape {rgba.shape}")
+    rgb = torch.from_numpy(np.ascontiguousarray(rgba[..., :3])).permute(2, 0, 1)[None]
+    alpha = torch.from_numpy(np.ascontiguousarray(rgba[..., 3:])).permute(2, 0, 1)[None]
+    if float(alpha.max()) <= 0.0:
+        return np.full(rgba.shape[:2] + (3,), 0.5, dtype=np.float32)
+
+    levels = [(rgb * alpha, alpha)]
+    height, width = rgba.shape[:2]
+    while height > 1 or width > 1:
+        height, width = max(1, int(height / shrink)), max(1, int(width / shrink))
+        premultiplied, coverage = levels[-1]
+        levels.append(
+            (
+                F.interpolate(premultiplied, size=(height, width), mode="area"),
+                F.interpolate(coverage, size=(height, width), mode="area"),
+            )
+        )
+
+    coarsest_colour, coarsest_alpha = levels[-1]
+    fill = coarsest_colour.sum(dim=(2, 3), keepdim=True) / coarsest_alpha.sum(dim=(2, 3), keepdim=True)
+    for premultiplied, coverage in reversed(levels):
+        fill = F.interpolate(fill, size=premultiplied.shape[2:], mode="bilinear", align_corners=False)
+        fill = premultiplied + fill * (1.0 - coverage)
+
+    padded = torch.where(alpha > 0, rgb, fill.clamp(0.0, 1.0))
+    return padded[0].permute(1, 2, 0).numpy()
+
+
+def premultiply_on_grey(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The image the frozen SD VAE encodes: colour premultiplied onto 50 % grey, in [-1, 1].
+
+    ``I_p = (2 * rgb - 1) * alpha`` (LayerDiffusion sec. 3.1, as in the released code).
+    """
+    return (rgb * 2.0 - 1.0) * alpha
+
+
+def composite(rgb: torch.Tensor, alpha: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """Porter-Duff "over": straight colour ``rgb`` with ``alpha`` over ``background``."""
+    return rgb * alpha + background * (1.0 - alpha)
+
+
+def checkerboard(height: int, width: int, cell: int = 8, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """A light/dark grey checkerboard ``1 x 3 x H x W``, the usual backdrop for transparency."""
+    ys = torch.arange(height, device=device) // cell
+    xs = torch.arange(width, device=device) // cell
+    board = ((ys[:, None] + xs[None, :]) % 2).to(dtype)
+    board = 0.8 + 0.2 * board
+    return board.expand(1, 3, height, width)
+
+
+def preview_on_checkerboard(rgb: torch.Tensor, alpha: torch.Tensor, cell: int = 8) -> torch.Tensor:
+    """Composite a transparent image over a checkerboard so its alpha is visible."""
+    board = checkerboard(rgb.shape[-2], rgb.shape[-1], cell, device=rgb.device, dtype=rgb.dtype)
+    return composite(rgb, alpha, board)
+
+
+def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
+    """``C x H x W`` float [0, 1] tensor to an ``H x W x C`` uint8 array for saving."""
+    array = image.detach().float().clamp(0, 1).mul(255).round().byte().cpu()
+    return array.permute(1, 2, 0).numpy()
