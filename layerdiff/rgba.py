@@ -130,3 +130,22 @@ def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
     """``C x H x W`` float [0, 1] tensor to an ``H x W x C`` uint8 array for saving."""
     array = image.detach().float().clamp(0, 1).mul(255).round().byte().cpu()
     return array.permute(1, 2, 0).numpy()
+
+
+def image_grid(rows: list[torch.Tensor], padding: int = 2) -> torch.Tensor:
+    """Lay out equally shaped ``B x 3 x H x W`` batches as rows of a ``3 x H' x W'`` grid
+    on a white background (one row per tensor, one column per batch element)."""
+    batch, channels, height, width = rows[0].shape
+    grid = torch.ones(
+        channels,
+        len(rows) * (height + padding) + padding,
+        batch * (width + padding) + padding,
+        dtype=rows[0].dtype,
+        device=rows[0].device,
+    )
+    for row_index, row in enumerate(rows):
+        top = padding + row_index * (height + padding)
+        for column in range(batch):
+            left = padding + column * (width + padding)
+            grid[:, top : top + height, left : left + width] = row[column]
+    return grid

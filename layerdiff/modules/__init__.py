@@ -1,0 +1,5 @@
+"""One thin LightningModule per training objective."""
+
+from layerdiff.modules.transparent_vae import TransparentVAEModule
+
+__all__ = ["TransparentVAEModule"]

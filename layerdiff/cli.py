@@ -1,0 +1,37 @@
+"""The ``train.py`` command line: LightningCLI with OmegaConf interpolation in YAML recipes."""
+
+from __future__ import annotations
+
+import os
+
+from lightning.pytorch.cli import LightningCLI
+from omegaconf import OmegaConf
+
+
+def _wandb_offline() -> bool:
+    """W&B runs offline (no account, no network) unless ``WANDB_MODE=online`` is set."""
+    return os.environ.get("WANDB_MODE", "offline").lower() not in ("online", "run")
+
+
+if not OmegaConf.has_resolver("wandb_offline"):
+    OmegaConf.register_new_resolver("wandb_offline", _wandb_offline)
+
+
+class LayerdiffCLI(LightningCLI):
+    """``fit``/``validate``/``test``/``predict`` with stacked ``-c`` YAML files.
+
+    The parser runs in ``omegaconf+`` mode: ``${...}`` interpolations are resolved after all
+    ``-c`` files and command-line overrides are merged, so an overlay that changes
+    ``trainer.default_root_dir`` also moves everything that interpolates it.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+"})
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+
+def main(args: list[str] | None = None) -> None:
+    LayerdiffCLI(args=args)
