@@ -1,0 +1,223 @@
+"""The embedded tiny SDXL-shaped model: random weights, real SDXL layout, built offline.
+
+There is no model hub here (DESIGN.md §4), yet every code path must be exercised the way
+it runs on ``stabilityai/stable-diffusion-xl-base-1.0``. So we build a model with SDXL's
+*structure* (two CLIP text encoders whose hidden states are concatenated for cross-attention,
+a pooled projection plus six size/crop ids as the ``text_time`` added condition, a VAE that
+downsamples by 8 with SDXL's scaling factor, SDXL's Euler scheduler config) but tiny widths,
+and save it in the exact ``save_pretrained`` layout so it loads through the same
+``from_pretrained`` calls as the real checkpoint.
+
+The tokenizer files are generated here, not downloaded: a byte-level CLIP BPE vocabulary
+(the 256 byte-unicode symbols, each also as a word-final ``</w>`` symbol, then the two
+special tokens) with no merges, so any caption tokenizes to one id per character.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+END_OF_WORD = "</w>"
+MAX_TOKENS = 77
+
+# SDXL pads its second tokenizer with "!" and its first with the end-of-text token.
+TOKENIZER_PAD_TOKENS = {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"}
+
+TEXT_ENCODER_HIDDEN_SIZE = 32
+TEXT_ENCODER_2_HIDDEN_SIZE = 64
+POOLED_PROJECTION_DIM = 32
+TIME_ID_EMBED_DIM = 8
+# The pipeline's add_time_ids: original size (h, w), crop top-left (y, x), target size (h, w).
+NUM_TIME_IDS = 6
+
+UNET_SAMPLE_SIZE = 8  # latent side: 64 px images, the pipeline's default resolution
+VAE_SCALING_FACTOR = 0.13025  # SDXL's; SD1.5 uses 0.18215
+
+
+def byte_level_vocab() -> dict[str, int]:
+    """CLIP's vocabulary order without merges: bytes, word-final bytes, then specials."""
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [symbol + END_OF_WORD for symbol in symbols] + [BOS_TOKEN, EOS_TOKEN]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def write_tokenizer_files(folder: Path) -> None:
+    """Write ``vocab.json`` and ``merges.txt`` in CLIP's format (merges keep only the header)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(byte_level_vocab(), ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+
+
+def make_tokenizer(folder: Path, pad_token: str) -> CLIPTokenizer:
+    """Generate the vocabulary files into ``folder`` and load a ``CLIPTokenizer`` from them."""
+    write_tokenizer_files(folder)
+    return CLIPTokenizer.from_pretrained(folder, pad_token=pad_token, model_max_length=MAX_TOKENS)
+
+
+def text_encoder_config(hidden_size: int, hidden_act: str, pad_token_id: int) -> CLIPTextConfig:
+    """A two-layer CLIP text transformer over the byte-level vocabulary.
+
+    Two layers because SDXL conditions on the penultimate hidden state.
+    """
+    vocab = byte_level_vocab()
+    return CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=hidden_size // 16,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act=hidden_act,
+        projection_dim=POOLED_PROJECTION_DIM,
+        bos_token_id=vocab[BOS_TOKEN],
+        eos_token_id=vocab[EOS_TOKEN],
+        pad_token_id=pad_token_id,
+    )
+
+
+def make_unet() -> UNet2DConditionModel:
+    """SDXL's UNet structure with two levels instead of three and tiny widths."""
+    return UNet2DConditionModel(
+        sample_size=UNET_SAMPLE_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        norm_num_groups=8,
+        # diffusers reads this as the number of heads (SDXL: [5, 10, 20]).
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        cross_attention_dim=TEXT_ENCODER_HIDDEN_SIZE + TEXT_ENCODER_2_HIDDEN_SIZE,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_ID_EMBED_DIM,
+        projection_class_embeddings_input_dim=NUM_TIME_IDS * TIME_ID_EMBED_DIM + POOLED_PROJECTION_DIM,
+    )
+
+
+def make_vae() -> AutoencoderKL:
+    """Four encoder/decoder levels (three 2x resamplings: factor 8), narrow enough for CPU."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=UNET_SAMPLE_SIZE * 8,
+        scaling_factor=VAE_SCALING_FACTOR,
+    )
+
+
+def make_scheduler() -> EulerDiscreteScheduler:
+    """SDXL base's scheduler config, including the keys Euler ignores.
+
+    SDXL's ``scheduler_config.json`` also carries DDPM/DDIM/PNDM settings; training builds a
+    ``DDPMScheduler`` from this file, which must then not clip samples, as with real SDXL.
+    """
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    scheduler.register_to_config(clip_sample=False, sample_max_value=1.0, set_alpha_to_one=False, skip_prk_steps=True)
+    return scheduler
+
+
+def assemble_tiny_sdxl(tokenizer_root: Path, seed: int) -> StableDiffusionXLPipeline:
+    """Build every component; weights depend only on ``seed`` and each component's shape.
+
+    Each random component restarts the generator from ``seed`` so resizing one of them does
+    not change the others' weights; the caller's global RNG state is left untouched.
+    """
+    tokenizers = {name: make_tokenizer(tokenizer_root / name, pad) for name, pad in TOKENIZER_PAD_TOKENS.items()}
+    pad_ids = {name: tokenizer.pad_token_id for name, tokenizer in tokenizers.items()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(
+            text_encoder_config(TEXT_ENCODER_HIDDEN_SIZE, "quick_gelu", pad_ids["tokenizer"])
+        )
+        torch.manual_seed(seed)
+        text_encoder_2 = CLIPTextModelWithProjection(
+            text_encoder_config(TEXT_ENCODER_2_HIDDEN_SIZE, "gelu", pad_ids["tokenizer_2"])
+        )
+        torch.manual_seed(seed)
+        unet = make_unet()
+        torch.manual_seed(seed)
+        vae = make_vae()
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizers["tokenizer"],
+        tokenizer_2=tokenizers["tokenizer_2"],
+        unet=unet,
+        scheduler=make_scheduler(),
+        add_watermarker=False,
+    )
+
+
+def build_tiny_sdxl(out_dir: Path, seed: int = 0) -> Path:
+    """Write the tiny SDXL model to ``out_dir`` atomically and return ``out_dir``.
+
+    The model is saved into a hidden staging folder beside ``out_dir`` and renamed into
+    place, so ``out_dir`` either does not exist or is complete, even if the build is killed.
+    Raises ``FileExistsError`` if ``out_dir`` already exists, including when another
+    process renamed its own build into place first; that folder is then complete.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(errno.EEXIST, "model folder already exists", str(out_dir))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        # The tokenizers load from the vocabulary files we generate into the staging
+        # folder; saving the pipeline then adds their configs beside those files.
+        pipeline = assemble_tiny_sdxl(tokenizer_root=staging, seed=seed)
+        pipeline.save_pretrained(staging)
+        try:
+            os.rename(staging, out_dir)
+        except OSError as error:
+            if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise FileExistsError(errno.EEXIST, "model folder appeared during the build", str(out_dir)) from error
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def main() -> None:
+    """``python -m layerdiff.models.tiny OUT_DIR [--seed N]``."""
+    parser = argparse.ArgumentParser(description=build_tiny_sdxl.__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="folder to create (must not exist)")
+    parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    build_tiny_sdxl(args.out_dir, seed=args.seed)
+    print(f"tiny SDXL model written to {args.out_dir} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
