@@ -1,0 +1,281 @@
+"""Interop with the released LayerDiffuse files (DESIGN §3).
+
+Transparent VAE files, readable by the released ``lib_layerdiffuse/vae.py`` and its ComfyUI,
+Forge and diffusers ports (which build the default-width modules and load strictly):
+
+* ``vae_transparent_encoder.safetensors``: ``LatentTransparencyEncoder.state_dict()``,
+  keys ``blocks.{0,2,...,16}.{weight,bias}``.
+* ``vae_transparent_decoder.safetensors``: ``TransparencyDecoder.state_dict()``, the
+  diffusers-block names (``conv_in``, ``latent_conv_in``, ``down_blocks.*``, ``mid_block.*``,
+  ``up_blocks.*``, ``conv_norm_out``, ``conv_out``).
+
+Their safetensors metadata (all strings) carries ``format = "layerdiffuse"``, ``component``,
+``layerdiff_version``, ``decoder_config`` (JSON of the ``TransparencyDecoder`` arguments) and
+``layerdiff_config`` (JSON of the training hyper-parameters, when known).
+
+Lightning checkpoints: the training module holds the encoder as ``transparent_encoder`` and the
+decoder as ``transparent_decoder``, so their keys in ``ckpt["state_dict"]`` start with
+``transparent_encoder.`` / ``transparent_decoder.``; other keys (frozen VAE, discriminator, EMA
+copies) are ignored. Decoder widths and depth are read off the weights themselves; head size and
+group count, which no weight shape reveals, come from the hyper-parameters
+``decoder_attention_head_dim`` / ``decoder_norm_num_groups`` (at any nesting depth) or default
+to the released values. Both single-file checkpoints and Lightning's distributed checkpoint
+folders (FSDP2 / ``ModelParallelStrategy``) are read.
+
+CLI::
+
+    python -m layerdiff.export transparent-vae --checkpoint last.ckpt --out DIR [--dtype fp16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from layerdiff.models.transparency import (
+    RELEASED_DECODER_WIDTHS,
+    LatentTransparencyEncoder,
+    TransparencyDecoder,
+)
+
+ENCODER_FILENAME = "vae_transparent_encoder.safetensors"
+DECODER_FILENAME = "vae_transparent_decoder.safetensors"
+ENCODER_PREFIX = "transparent_encoder."
+DECODER_PREFIX = "transparent_decoder."
+FORMAT_VERSION = "1"
+RELEASED_DECODER_CONFIG = {
+    "block_out_channels": list(RELEASED_DECODER_WIDTHS),
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "norm_num_groups": 4,
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Wrappers that activation checkpointing and torch.compile insert into parameter names.
+_WRAPPER_SEGMENT = re.compile(r"(_checkpoint_wrapped_module|_orig_mod)\.")
+
+
+def _layerdiff_version() -> str:
+    try:
+        return version("layerdiff")
+    except PackageNotFoundError:  # running from a source checkout
+        return "unknown"
+
+
+def infer_decoder_shape(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """``block_out_channels`` and ``layers_per_block`` of the decoder these weights belong to."""
+    widths = []
+    while (key := f"down_blocks.{len(widths)}.resnets.0.conv2.weight") in state_dict:
+        widths.append(int(state_dict[key].shape[0]))
+    if not widths:
+        raise ValueError("not a transparency decoder state dict: no 'down_blocks.0.resnets.0.conv2.weight'")
+    resnets = {key.split(".")[3] for key in state_dict if key.startswith("down_blocks.0.resnets.")}
+    return {"block_out_channels": widths, "layers_per_block": len(resnets)}
+
+
+def save_transparent_vae(
+    encoder: LatentTransparencyEncoder,
+    decoder: TransparencyDecoder,
+    out_dir: str | PathLike,
+    metadata: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Path, Path]:
+    """Write the released-format encoder and decoder files into ``out_dir``.
+
+    ``metadata`` (e.g. the training hyper-parameters) is stored as JSON under
+    ``layerdiff_config``; values JSON cannot encode are written as their ``str()``.
+    Returns the encoder and decoder paths.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    common = {
+        "format": "layerdiffuse",
+        "format_version": FORMAT_VERSION,
+        "layerdiff_version": _layerdiff_version(),
+        "decoder_config": json.dumps(decoder.config),
+    }
+    if metadata is not None:
+        common["layerdiff_config"] = json.dumps(metadata, default=str, sort_keys=True)
+
+    paths = (out_dir / ENCODER_FILENAME, out_dir / DECODER_FILENAME)
+    for module, path, component in zip((encoder, decoder), paths, ("transparent_encoder", "transparent_decoder")):
+        tensors = {key: value.detach().to("cpu", dtype).contiguous() for key, value in module.state_dict().items()}
+        save_file(tensors, path, metadata={**common, "component": component})
+    return paths
+
+
+def read_metadata(path: str | PathLike) -> dict[str, str]:
+    """The safetensors metadata of an exported file (empty for the released files)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def _check_compatible(
+    module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path, strict: bool
+) -> None:
+    """Raise readable errors before ``load_state_dict`` would raise unreadable ones."""
+    expected = module.state_dict()
+    for key, expected_tensor in expected.items():
+        tensor = state_dict.get(key)
+        if tensor is not None and tuple(tensor.shape) != tuple(expected_tensor.shape):
+            if isinstance(module, TransparencyDecoder):
+                advice = (
+                    f"The file was written for other decoder widths: build TransparencyDecoder with "
+                    f"{infer_decoder_shape(state_dict)} (training config: decoder_block_out_channels, "
+                    "decoder_layers_per_block)."
+                )
+            else:
+                advice = "The encoder layout is fixed, so this is not a LayerDiffuse transparency encoder file."
+            raise ValueError(
+                f"{path}: key {key!r} has shape {list(tensor.shape)} in the file but "
+                f"{list(expected_tensor.shape)} in the model. {advice}"
+            )
+    if not strict:
+        return
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        prefixed = any(key.startswith((ENCODER_PREFIX, DECODER_PREFIX)) for key in unexpected)
+        raise ValueError(
+            f"{path}: {len(missing)} missing keys (e.g. {missing[:3]}) and {len(unexpected)} unexpected "
+            f"keys (e.g. {unexpected[:3]})."
+            + (
+                " This looks like a training checkpoint; export it with "
+                "`python -m layerdiff.export transparent-vae` first."
+                if prefixed
+                else ""
+            )
+        )
+
+
+def load_transparent_vae(
+    encoder: LatentTransparencyEncoder | None,
+    decoder: TransparencyDecoder | None,
+    directory_or_files: str | PathLike | Sequence[str | PathLike],
+    strict: bool = True,
+) -> None:
+    """Load released or exported transparent VAE files into existing modules (e.g. to initialise training).
+
+    ``directory_or_files`` is a folder holding both files, or an ``(encoder_file, decoder_file)``
+    pair. Pass ``None`` for a module to leave it untouched. Shape mismatches always raise, naming
+    the key, both shapes and the configuration to change; ``strict`` governs missing and
+    unexpected keys.
+    """
+    if isinstance(directory_or_files, (str, PathLike)):
+        directory = Path(directory_or_files)
+        encoder_path, decoder_path = directory / ENCODER_FILENAME, directory / DECODER_FILENAME
+    else:
+        encoder_path, decoder_path = (Path(path) for path in directory_or_files)
+
+    for module, path in ((encoder, encoder_path), (decoder, decoder_path)):
+        if module is None:
+            continue
+        if not path.is_file():
+            raise FileNotFoundError(f"transparent VAE file not found: {path}")
+        state_dict = load_file(path)
+        _check_compatible(module, state_dict, path, strict)
+        module.load_state_dict(state_dict, strict=strict)
+
+
+# -- Lightning checkpoints ---------------------------------------------------------------
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        # Lightning's sharded (torch.distributed.checkpoint) folder: consolidate in memory.
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        return _load_distributed_checkpoint(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    # Lightning pickles hyper-parameters (AttributeDict, paths, namespaces), which the
+    # weights-only unpickler refuses: export only checkpoints you trust.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _submodule_state(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {
+        _WRAPPER_SEGMENT.sub("", key[len(prefix):]): tensor
+        for key, tensor in state_dict.items()
+        if key.startswith(prefix)
+    }
+
+
+def _find_hyperparameter(hyperparameters: Any, name: str) -> Any:
+    """First value stored under ``name`` in possibly nested mappings (depth-first), else None."""
+    if isinstance(hyperparameters, Mapping):
+        if name in hyperparameters:
+            return hyperparameters[name]
+        for value in hyperparameters.values():
+            found = _find_hyperparameter(value, name)
+            if found is not None:
+                return found
+    return None
+
+
+def export_transparent_vae_checkpoint(
+    checkpoint: str | PathLike, out_dir: str | PathLike, dtype: torch.dtype = torch.float32
+) -> tuple[Path, Path]:
+    """Extract encoder and decoder from a Lightning checkpoint into the released file format."""
+    checkpoint_path = Path(checkpoint)
+    contents = _read_checkpoint(checkpoint_path)
+    state_dict = contents.get("state_dict", {})
+    hyperparameters = dict(contents.get("hyper_parameters", {}))
+    encoder_state = _submodule_state(state_dict, ENCODER_PREFIX)
+    decoder_state = _submodule_state(state_dict, DECODER_PREFIX)
+    if not encoder_state or not decoder_state:
+        raise ValueError(
+            f"{checkpoint_path}: no '{ENCODER_PREFIX}*' / '{DECODER_PREFIX}*' weights in the checkpoint's "
+            "state_dict; is it a TransparentVAEModule checkpoint?"
+        )
+
+    decoder_config = {
+        **infer_decoder_shape(decoder_state),
+        "attention_head_dim": _find_hyperparameter(hyperparameters, "decoder_attention_head_dim")
+        or RELEASED_DECODER_CONFIG["attention_head_dim"],
+        "norm_num_groups": _find_hyperparameter(hyperparameters, "decoder_norm_num_groups")
+        or RELEASED_DECODER_CONFIG["norm_num_groups"],
+    }
+    encoder = LatentTransparencyEncoder()
+    decoder = TransparencyDecoder(**decoder_config)
+    encoder.load_state_dict(encoder_state, strict=True)
+    decoder.load_state_dict(decoder_state, strict=True)
+    return save_transparent_vae(encoder, decoder, out_dir, metadata=hyperparameters, dtype=dtype)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m layerdiff.export", description="Export trained layerdiff weights into released formats."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    transparent = commands.add_parser(
+        "transparent-vae",
+        help="write vae_transparent_{encoder,decoder}.safetensors from a TransparentVAEModule checkpoint",
+    )
+    transparent.add_argument("--checkpoint", required=True, type=Path, help="Lightning .ckpt file or sharded folder")
+    transparent.add_argument("--out", required=True, type=Path, help="output folder")
+    transparent.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="tensor dtype in the files")
+    args = parser.parse_args(argv)
+
+    encoder_path, decoder_path = export_transparent_vae_checkpoint(args.checkpoint, args.out, DTYPES[args.dtype])
+    config = json.loads(read_metadata(decoder_path)["decoder_config"])
+    print(f"wrote {encoder_path}\nwrote {decoder_path}")
+    if config != RELEASED_DECODER_CONFIG:
+        print(
+            f"note: decoder config {config} differs from the released {RELEASED_DECODER_CONFIG}; "
+            "ComfyUI/Forge/diffusers LayerDiffuse loaders assume the released one."
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
