@@ -29,7 +29,7 @@ def test_discriminator_matches_taming_nlayer_layout():
 def test_discriminator_gives_patch_logits_for_each_norm_choice():
     image = torch.rand(2, 4, 64, 64) * 2 - 1
     for norm in ("batch", "group", "none"):
-        discriminator = PatchDiscriminator(channels=16, layers=3, norm=norm, norm_num_groups=8)
+        discriminator = PatchDiscriminator(channels=8, layers=3, norm=norm)
         logits = discriminator(image)
         assert logits.shape == (2, 1, 6, 6)
         logits.mean().backward()
@@ -50,6 +50,7 @@ def test_discriminator_rejects_unknown_norm_and_bad_group_count():
         PatchDiscriminator(norm="layer")
     with pytest.raises(ValueError, match="norm_num_groups"):
         PatchDiscriminator(channels=8, norm="group", norm_num_groups=32)
+    assert PatchDiscriminator(channels=8, norm="group").main[3].num_groups == 16
 
 
 # -- LPIPS -----------------------------------------------------------------------------

@@ -34,6 +34,8 @@ class PatchDiscriminator(nn.Module):
             makes small-batch multi-GPU training drift; ``"group"`` (GroupNorm) and ``"none"``
             avoid batch statistics altogether.
         norm_num_groups: groups for ``norm="group"``; must divide every normalised width.
+            ``None``: 32, or the narrowest normalised width when that is smaller (narrow test
+            and demo discriminators).
     """
 
     def __init__(
@@ -42,12 +44,14 @@ class PatchDiscriminator(nn.Module):
         channels: int = 64,
         layers: int = 3,
         norm: NormKind = "batch",
-        norm_num_groups: int = 32,
+        norm_num_groups: int | None = None,
     ) -> None:
         super().__init__()
         if norm not in ("batch", "group", "none"):
             raise ValueError(f"norm must be 'batch', 'group' or 'none', got {norm!r}")
         widths = [channels * min(2**index, 8) for index in range(layers + 1)]
+        if norm_num_groups is None:
+            norm_num_groups = min(32, widths[1])
         if norm == "group" and any(width % norm_num_groups for width in widths[1:]):
             raise ValueError(
                 f"norm_num_groups={norm_num_groups} must divide every normalised width {widths[1:]}"
