@@ -1,0 +1,367 @@
+"""``ShardDataModule``: batches of transparent (and optionally layered) samples from shards.
+
+The pipeline in each DataLoader worker, top to bottom:
+
+1. pick this consumer's shards (consumer = rank x worker): a seeded per-epoch
+   shard order split between consumers, or, with ``resample``, an endless
+   seeded draw with replacement. When there are fewer shards than consumers the
+   samples are split instead, so small validation sets still work on many GPUs;
+2. shuffle the still-encoded samples in a buffer (cheap: PNG bytes, not pixels);
+3. decode (``data.schema.decode_sample``); corrupt members are skipped and counted,
+   schema mismatches stop training;
+4. group samples by image size and emit a batch whenever a size has
+   ``batch_size`` samples, so aspect buckets never mix in a batch.
+
+Batches are built in the worker (the DataLoader's own batching is off), which is
+how the per-worker count of skipped corrupt members reaches the main process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.schema import CorruptMemberError, LayerSample, decode_sample
+from data.shards import ShardSpecError, iter_shard_samples, resolve_shards
+
+log = logging.getLogger(__name__)
+
+CORRUPT_MEMBERS = "corrupt_members"
+WARN_FIRST_CORRUPT = 5
+# The corrupt fraction is judged only after this many samples, so one bad file
+# early in a stream does not stop training; the end of a stream is always judged.
+MIN_SAMPLES_FOR_CORRUPT_CHECK = 100
+
+
+class TooManyCorruptMembersError(RuntimeError):
+    """More than ``max_corrupt_fraction`` of the samples a worker read were corrupt."""
+
+
+@dataclass
+class _CorruptTracker:
+    """Counts samples read and corrupt members skipped by one worker in one epoch."""
+
+    max_fraction: float
+    seen: int = 0
+    corrupt: int = 0
+    pending: list[str] = field(default_factory=list)
+
+    def record(self, error: Exception) -> None:
+        self.corrupt += 1
+        self.pending.append(str(error))
+        if self.seen >= MIN_SAMPLES_FOR_CORRUPT_CHECK:
+            self.check()
+
+    def check(self) -> None:
+        if self.corrupt > self.max_fraction * self.seen or (self.corrupt and self.corrupt == self.seen):
+            raise TooManyCorruptMembersError(
+                f"{self.corrupt} of {self.seen} samples read by one data worker were corrupt, more than "
+                f"max_corrupt_fraction={self.max_fraction}; latest: {self.pending[-1] if self.pending else '-'}. "
+                "Fix: list them with `python -m data validate SHARDS`, re-write the damaged shards, "
+                "or raise `max_corrupt_fraction` if losing these samples is acceptable."
+            )
+
+    def take_pending(self) -> list[str]:
+        pending, self.pending = self.pending, []
+        return pending
+
+
+class ShardStream(IterableDataset):
+    """The per-worker pipeline of the module docstring; yields finished batch dicts."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        *,
+        batch_size: int,
+        shuffle: bool,
+        shuffle_buffer: int,
+        seed: int,
+        resample: bool,
+        require_layers: bool,
+        rank: int,
+        world_size: int,
+        max_corrupt_fraction: float,
+    ):
+        self.shards = list(shards)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.resample = resample
+        self.require_layers = require_layers
+        self.rank = rank
+        self.world_size = world_size
+        self.max_corrupt_fraction = max_corrupt_fraction
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        consumer, consumers = self.rank * num_workers + worker_id, self.world_size * num_workers
+        tracker = _CorruptTracker(self.max_corrupt_fraction)
+        members = self._assigned_members(consumer, consumers, tracker)
+        if self.shuffle and self.shuffle_buffer > 1:
+            members = _shuffled(members, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, consumer, 1]))
+        buckets: dict[tuple[int, int], list[LayerSample]] = {}
+        for sample_members in members:
+            tracker.seen += 1
+            try:
+                sample = decode_sample(sample_members, decode_layers=self.require_layers, require_layers=self.require_layers)
+            except CorruptMemberError as error:
+                tracker.record(error)
+                continue
+            bucket = buckets.setdefault(sample.size, [])
+            bucket.append(sample)
+            if len(bucket) == self.batch_size:
+                yield self._collate(buckets.pop(sample.size), tracker)
+        for size in sorted(buckets):
+            yield self._collate(buckets[size], tracker)
+        tracker.check()
+
+    def _assigned_members(self, consumer: int, consumers: int, tracker: _CorruptTracker) -> Iterator[dict[str, Any]]:
+        def shard_damaged(error: Exception) -> None:
+            tracker.seen += 1
+            tracker.record(error)
+
+        if self.resample:
+            rng = np.random.default_rng([self.seed, self.epoch, consumer, 0])
+            endless = (self.shards[rng.integers(len(self.shards))] for _ in itertools.count())
+            yield from iter_shard_samples(endless, shard_damaged)
+            return
+        order = self.shards
+        if self.shuffle:  # the same order on every consumer, so that splitting it is a partition
+            order = [order[i] for i in np.random.default_rng([self.seed, self.epoch]).permutation(len(order))]
+        if len(order) >= consumers:
+            yield from iter_shard_samples(order[consumer::consumers], shard_damaged)
+            return
+        # Every consumer reads every shard; damage to a whole shard is reported by consumer 0 only.
+        for index, members in enumerate(iter_shard_samples(order, shard_damaged if consumer == 0 else _ignore)):
+            if index % consumers == consumer:
+                yield members
+
+    def _collate(self, samples: list[LayerSample], tracker: _CorruptTracker) -> dict[str, Any]:
+        foreground = torch.from_numpy(np.stack([sample.foreground for sample in samples])).permute(0, 3, 1, 2)
+        batch: dict[str, Any] = {
+            "rgb": _to_unit_float(foreground[:, :3]),
+            "alpha": _to_unit_float(foreground[:, 3:]),
+            "caption": [sample.caption for sample in samples],
+            "key": [sample.key for sample in samples],
+            "original_size": torch.tensor([sample.original_size for sample in samples], dtype=torch.int64),
+            "crop_top_left": torch.tensor([sample.crop_top_left for sample in samples], dtype=torch.int64),
+        }
+        if self.require_layers:
+            batch["background"] = _to_unit_float(_stack_rgb([sample.background for sample in samples]))
+            batch["blend"] = _to_unit_float(_stack_rgb([sample.blend for sample in samples]))
+            batch["background_caption"] = [sample.background_caption for sample in samples]
+            batch["blend_caption"] = [sample.blend_caption for sample in samples]
+        skipped = tracker.take_pending()
+        batch["corrupt_skipped"] = torch.tensor(len(skipped), dtype=torch.int64)
+        batch[CORRUPT_MEMBERS] = skipped
+        return batch
+
+
+def _shuffled(items: Iterator[Any], buffer_size: int, rng: np.random.Generator) -> Iterator[Any]:
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        index = rng.integers(buffer_size)
+        buffer[index], item = item, buffer[index]
+        yield item
+    for index in rng.permutation(len(buffer)):
+        yield buffer[index]
+
+
+def _stack_rgb(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+
+
+def _to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    return images.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+
+
+def _ignore(error: Exception) -> None:
+    del error
+
+
+class _EpochDataLoader(DataLoader):
+    """Starts each pass over the data with the next epoch number, so shuffling differs per epoch.
+
+    Workers are not persistent: each pass pickles the dataset afresh, with its epoch.
+    """
+
+    def __init__(self, dataset: ShardStream, *, first_epoch: int, **kwargs: Any):
+        super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+        self.epoch = first_epoch
+
+    def __iter__(self):
+        self.dataset.epoch = self.epoch
+        self.epoch += 1
+        return super().__iter__()
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """Training and validation batches from webdataset shards in the ``data.schema`` format.
+
+    Each batch is a dict: ``rgb`` float32 ``[B, 3, H, W]`` in [0, 1] (straight colour,
+    padded under zero alpha), ``alpha`` ``[B, 1, H, W]``, ``caption`` and ``key``
+    (lists of str), ``original_size`` and ``crop_top_left`` int64 ``[B, 2]``,
+    ``corrupt_skipped`` (int64 scalar: corrupt members the producing worker skipped
+    since its previous batch) and, with ``require_layers``, ``background``, ``blend``
+    ``[B, 3, H, W]``, ``background_caption``, ``blend_caption``. All images in a
+    batch have one size. Loader batches also carry ``corrupt_members`` (their
+    descriptions), which ``on_before_batch_transfer`` removes and logs.
+
+    Args:
+        train_shards: Shards spec for training: a directory of ``*.tar``, a brace
+            pattern ``dir/shard-{000000..000009}.tar``, a glob, a file, a
+            comma-separated list, or ``embedded:openmoji-demo-<size>/train``.
+        val_shards: Shards spec for validation (same forms, e.g.
+            ``embedded:openmoji-demo-64/val``); ``None`` disables validation.
+        batch_size: Samples per training batch (per device).
+        val_batch_size: Samples per validation batch; defaults to ``batch_size``.
+        num_workers: DataLoader worker processes per device; 0 decodes in the
+            training process.
+        shuffle_buffer: Encoded samples held for shuffling in each worker; 0 or 1
+            only shuffles the shard order.
+        seed: Seed of shard order, shuffle buffer and resampling; combined with
+            epoch, rank and worker so every consumer and epoch differs reproducibly.
+        resample: Draw training shards with replacement, endlessly (bound the run
+            with ``max_steps`` and epochs with ``limit_train_batches``). Without it
+            ranks given unequal sample counts finish an epoch at different steps.
+        require_layers: Decode and return ``background`` / ``blend`` (multi-layer
+            objectives); samples without them raise ``SchemaError``.
+        max_corrupt_fraction: Stop with ``TooManyCorruptMembersError`` when more
+            than this fraction of the samples a worker reads are corrupt.
+    """
+
+    def __init__(
+        self,
+        train_shards: str,
+        val_shards: str | None = None,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 4,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        resample: bool = False,
+        require_layers: bool = False,
+        max_corrupt_fraction: float = 0.01,
+    ):
+        super().__init__()
+        if not train_shards or not str(train_shards).strip():
+            raise ShardSpecError(
+                "train_shards is empty: give a shards spec, e.g. `train_shards: /data/shards/train` or "
+                "`train_shards: embedded:openmoji-demo-64/train`"
+            )
+        for name, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                     ("shuffle_buffer", shuffle_buffer, 0), ("val_batch_size", val_batch_size or 1, 1)):
+            if value < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        if not 0.0 <= max_corrupt_fraction <= 1.0:
+            raise ValueError(f"max_corrupt_fraction must be in [0, 1], got {max_corrupt_fraction}")
+        self.save_hyperparameters()
+        self.train_shards = train_shards
+        self.val_shards = val_shards
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.resample = resample
+        self.require_layers = require_layers
+        self.max_corrupt_fraction = max_corrupt_fraction
+        self._train_urls: list[str] | None = None
+        self._val_urls: list[str] | None = None
+        self._train_loader: _EpochDataLoader | None = None
+        self._next_epoch = 0
+        self._corrupt_skipped = 0
+
+    @property
+    def corrupt_skipped(self) -> int:
+        """Corrupt members skipped so far, summed over all workers (as batches arrived)."""
+        return self._corrupt_skipped
+
+    def prepare_data(self) -> None:
+        """Build embedded demo shards once per node, before the other ranks look for them."""
+        resolve_shards(self.train_shards)
+        if self.val_shards:
+            resolve_shards(self.val_shards)
+
+    def setup(self, stage: str | None = None) -> None:
+        self._train_urls = resolve_shards(self.train_shards)
+        self._val_urls = resolve_shards(self.val_shards) if self.val_shards else None
+
+    def train_dataloader(self) -> DataLoader:
+        if self._train_urls is None:
+            self.setup("fit")
+        stream = self._stream(self._train_urls, self.batch_size, training=True)
+        self._train_loader = _EpochDataLoader(
+            stream, first_epoch=self._next_epoch, num_workers=self.num_workers, pin_memory=torch.cuda.is_available()
+        )
+        return self._train_loader
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_shards:
+            return []
+        if self._val_urls is None:
+            self.setup("validate")
+        stream = self._stream(self._val_urls, self.val_batch_size, training=False)
+        return _EpochDataLoader(stream, first_epoch=0, num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Add the batch's skipped corrupt members to the running total; warn about the first few."""
+        if isinstance(batch, dict) and CORRUPT_MEMBERS in batch:
+            for description in batch.pop(CORRUPT_MEMBERS):
+                self._corrupt_skipped += 1
+                if self._corrupt_skipped <= WARN_FIRST_CORRUPT:
+                    log.warning("skipped %s", description)
+                if self._corrupt_skipped == WARN_FIRST_CORRUPT:
+                    log.warning(
+                        "further corrupt members are skipped without a warning; ShardDataModule.corrupt_skipped "
+                        "counts them and `python -m data validate SHARDS` lists them"
+                    )
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch = self._train_loader.epoch if self._train_loader is not None else self._next_epoch
+        return {"epoch": epoch, "corrupt_skipped": self._corrupt_skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._next_epoch = int(state_dict.get("epoch", 0))
+        self._corrupt_skipped = int(state_dict.get("corrupt_skipped", 0))
+        if self._train_loader is not None:
+            self._train_loader.epoch = self._next_epoch
+
+    def _stream(self, urls: list[str], batch_size: int, *, training: bool) -> ShardStream:
+        rank, world_size = self._rank_and_world_size()
+        return ShardStream(
+            urls,
+            batch_size=batch_size,
+            shuffle=training,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            resample=training and self.resample,
+            require_layers=self.require_layers,
+            rank=rank,
+            world_size=world_size,
+            max_corrupt_fraction=self.max_corrupt_fraction,
+        )
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1

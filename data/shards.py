@@ -1,0 +1,271 @@
+"""Finding, reading and atomically writing shard files.
+
+A *shards spec* is one string naming a set of shards (the form configs use):
+
+* a directory: every ``*.tar`` directly inside it, sorted;
+* a brace pattern: ``/data/train-{000000..000009}.tar``;
+* a glob: ``/data/train-*.tar``;
+* a single ``.tar`` file, or a URL webdataset can open (``pipe:``, ``http(s)://``, ...);
+* a comma-separated list of any of the above;
+* ``embedded:openmoji-demo-<size>/train`` (or ``/val``): the demo shards, built into
+  the cache on first use (see ``data.demo``).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import webdataset
+
+from data.schema import METADATA, SCHEMA_VERSION
+from layerdiff.paths import EMBEDDED_PREFIX
+
+SHARD_NAME = "shard-{index:06d}.tar"
+INDEX_NAME = "index.json"
+_DEMO_SPEC = re.compile(r"^openmoji-demo-(?P<size>\d+)/(?P<split>train|val)$")
+_URL_SCHEMES = ("pipe:", "http://", "https://", "s3://", "gs://")
+_SPEC_HELP = (
+    "a shards spec is a directory of *.tar files, a brace pattern like shards/train-{000000..000009}.tar, "
+    "a glob, a .tar file, a comma-separated list of these, or embedded:openmoji-demo-64/train; "
+    "write shards with `python -m data write SRC_DIR OUT_DIR` or `python -m data demo OUT_DIR`"
+)
+
+
+class ShardSpecError(ValueError):
+    """A shards spec names no shards, or names files that do not exist."""
+
+
+def resolve_shards(spec: str) -> list[str]:
+    """Expand a shards spec (see the module docstring) into a list of shard paths or URLs."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ShardSpecError(f"empty shards spec {spec!r}: {_SPEC_HELP}")
+    shards: list[str] = []
+    for part in (piece.strip() for piece in spec.split(",")):
+        if part:
+            shards.extend(_resolve_one(part, spec))
+    if not shards:
+        raise ShardSpecError(f"shards spec {spec!r} names no shards: {_SPEC_HELP}")
+    return shards
+
+
+def _resolve_one(part: str, spec: str) -> list[str]:
+    if part.startswith(EMBEDDED_PREFIX):
+        match = _DEMO_SPEC.match(part[len(EMBEDDED_PREFIX):])
+        if not match:
+            raise ShardSpecError(
+                f"unknown embedded shards {part!r} in spec {spec!r}: the embedded data sets are "
+                "embedded:openmoji-demo-<size>/train and embedded:openmoji-demo-<size>/val"
+            )
+        from data.demo import ensure_demo_shards  # builds on first use only; keeps this module light
+
+        return _resolve_one(str(ensure_demo_shards(int(match["size"])) / match["split"]), spec)
+    if part.startswith(_URL_SCHEMES):
+        return list(braceexpand.braceexpand(part))
+    if "{" in part:
+        paths = list(braceexpand.braceexpand(part))
+    elif any(char in part for char in "*?["):
+        paths = sorted(glob.glob(part))
+    elif Path(part).is_dir():
+        paths = sorted(str(path) for path in Path(part).glob("*.tar"))
+        if not paths:
+            raise ShardSpecError(f"directory {part!r} (from spec {spec!r}) contains no *.tar shards: {_SPEC_HELP}")
+    else:
+        paths = [part]
+    missing = [path for path in paths if not Path(path).is_file()]
+    if missing:
+        raise ShardSpecError(
+            f"shards spec {spec!r}: {len(missing)} of {len(paths)} shard(s) do not exist, "
+            f"e.g. {missing[0]!r}: {_SPEC_HELP}"
+        )
+    return paths
+
+
+def iter_shard_samples(urls: Iterable[str], on_shard_error: Callable[[Exception], None]) -> Iterator[dict[str, Any]]:
+    """Yield the member dicts (with ``__key__`` and ``__url__``) of the shards, in order.
+
+    A shard that cannot be read to its end (truncated or damaged tar) yields the
+    samples before the damage, then ``on_shard_error`` is told and reading goes on
+    with the next shard.
+    """
+
+    def handler(error: Exception) -> bool:
+        on_shard_error(error)
+        return True
+
+    yield from webdataset.tarfile_samples(({"url": url} for url in urls), handler=handler)
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    samples: int
+    bytes: int
+
+
+@dataclass
+class ShardManifest:
+    """What a finished ``ShardWriter`` wrote; saved as ``index.json`` beside the shards."""
+
+    shards: list[ShardInfo] = field(default_factory=list)
+    sizes: Counter = field(default_factory=Counter)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(shard.samples for shard in self.shards)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "num_samples": self.num_samples,
+            "num_shards": len(self.shards),
+            "sizes": dict(sorted(self.sizes.items())),
+            "shards": [vars(shard) for shard in self.shards],
+            **self.extra,
+        }
+
+
+@dataclass(frozen=True)
+class TarSample:
+    """One sample's tar members, already serialised (headers and payloads).
+
+    Serialising is a good part of the cost of writing small samples, so worker
+    processes do it and the process writing the shard only appends bytes.
+    """
+
+    key: str
+    size: str
+    data: bytes
+
+
+def serialise_sample(members: Mapping[str, Any]) -> TarSample:
+    """Turn ``encode_sample``'s member dict into tar blocks: no time stamps or owners, so same bytes in, same bytes out."""
+    key = members["__key__"]
+    blocks = []
+    for name, value in members.items():
+        if name.startswith("__"):
+            continue
+        payload = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        info = tarfile.TarInfo(f"{key}.{name}")
+        info.size, info.mode, info.mtime = len(payload), 0o644, 0
+        blocks += [info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"), payload, _padding(len(payload))]
+    metadata = json.loads(members[METADATA])
+    return TarSample(key, f"{metadata['width']}x{metadata['height']}", b"".join(blocks))
+
+
+class ShardWriter:
+    """Write samples into ``shard-000000.tar``, ``shard-000001.tar``, ... atomically.
+
+    Each shard is written as ``*.tar.tmp``, fsynced, then renamed into place, so an
+    interrupted run never leaves a partial shard under a ``.tar`` name. ``index.json``
+    is removed when writing starts and written last, so it marks a complete set.
+    Shards left over from an earlier, larger run are removed on ``close``.
+
+    Use as a context manager; an exception discards the shard in progress.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, samples_per_shard: int = 1000):
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        self.out_dir = Path(out_dir)
+        self.samples_per_shard = samples_per_shard
+        self.manifest = ShardManifest()
+        self._file: io.BufferedWriter | None = None
+        self._in_shard = 0
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.out_dir.glob("*.tar.tmp"):
+            stale.unlink()
+        (self.out_dir / INDEX_NAME).unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is not None:
+            self._discard()
+
+    def write(self, sample: TarSample | Mapping[str, Any]) -> None:
+        """Append one sample: a ``TarSample`` or ``encode_sample``'s member dict."""
+        if not isinstance(sample, TarSample):
+            sample = serialise_sample(sample)
+        if self._file is None:
+            self._file = open(self._temporary_path(), "wb")
+            self._in_shard = 0
+        self._file.write(sample.data)
+        self.manifest.sizes[sample.size] += 1
+        self._in_shard += 1
+        if self._in_shard == self.samples_per_shard:
+            self._finish_shard()
+
+    def close(self, **extra: Any) -> ShardManifest:
+        """Finish the last shard, remove stale shards, write ``index.json`` (with ``extra``)."""
+        if self._file is not None:
+            self._finish_shard()
+        written = {shard.name for shard in self.manifest.shards}
+        for old in self.out_dir.glob("shard-*.tar"):
+            if old.name not in written:
+                old.unlink()
+        self.manifest.extra.update(extra)
+        _write_atomically(self.out_dir / INDEX_NAME, json.dumps(self.manifest.to_json(), indent=2).encode("utf-8"))
+        return self.manifest
+
+    def _shard_path(self) -> Path:
+        return self.out_dir / SHARD_NAME.format(index=len(self.manifest.shards))
+
+    def _temporary_path(self) -> Path:
+        return self._shard_path().with_suffix(".tar.tmp")
+
+    def _finish_shard(self) -> None:
+        # End of archive: two zero blocks, then zeros up to a whole record, as tarfile writes it.
+        written = self._file.tell() + 2 * tarfile.BLOCKSIZE
+        self._file.write(bytes(2 * tarfile.BLOCKSIZE + (-written) % tarfile.RECORDSIZE))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        final = self._shard_path()
+        os.replace(self._temporary_path(), final)
+        _fsync_directory(self.out_dir)
+        self.manifest.shards.append(ShardInfo(final.name, self._in_shard, final.stat().st_size))
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._temporary_path().unlink(missing_ok=True)
+
+
+def _padding(size: int) -> bytes:
+    return bytes(-size % tarfile.BLOCKSIZE)
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

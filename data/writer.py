@@ -1,0 +1,210 @@
+"""Turn a folder of RGBA PNGs (with optional same-stem ``.txt`` captions) into shards.
+
+Every image is resized so it covers its target size, centre-cropped, stripped of
+samples LayerDiffusion sec. 3.4 drops (no transparent pixel, no visible pixel),
+padded under zero alpha and written in the schema of ``data.schema``. The target
+is one square ``size``, or, with ``buckets``, the bucket whose aspect ratio is
+nearest the image's (SDXL-style aspect buckets).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data.parallel import ordered_parallel_map
+from data.schema import LayerSample, encode_sample, prepare_foreground
+from data.shards import ShardManifest, ShardWriter, TarSample, serialise_sample
+from layerdiff.rgba import MissingAlphaError, load_rgba
+
+IMAGE_SUFFIXES = (".png",)
+EXAMPLES_PER_REASON = 5
+
+NO_ALPHA = "no alpha channel"
+NO_TRANSPARENT_PIXEL = "no transparent pixel"
+NO_VISIBLE_PIXEL = "no visible pixel"
+UNREADABLE = "unreadable image"
+CAPTION_NOT_UTF8 = "caption is not UTF-8"
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """An input file that was not written, and why."""
+
+    path: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class WriteReport:
+    """What ``write_folder`` did: written samples, drops per reason with examples."""
+
+    manifest: ShardManifest
+    dropped: Counter = field(default_factory=Counter)
+    drop_examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    without_caption: int = 0
+
+    def summary(self) -> str:
+        """Human-readable lines for the CLI."""
+        lines = [
+            f"wrote {self.manifest.num_samples} samples in {len(self.manifest.shards)} shard(s); "
+            f"sizes {dict(sorted(self.manifest.sizes.items()))}",
+            f"dropped {sum(self.dropped.values())} image(s)" + (":" if self.dropped else ""),
+        ]
+        for reason, count in self.dropped.most_common():
+            lines.append(f"  {count:6d}  {reason}, e.g. {', '.join(self.drop_examples[reason])}")
+        if self.without_caption:
+            lines.append(f"{self.without_caption} image(s) had no .txt caption and were written with an empty caption")
+        return "\n".join(lines)
+
+
+def parse_buckets(text: str) -> list[tuple[int, int]]:
+    """Parse ``"1024x1024,1152x896"`` (WIDTHxHEIGHT, comma-separated) into ``[(w, h), ...]``."""
+    buckets = []
+    for item in filter(None, (piece.strip() for piece in text.split(","))):
+        match = re.fullmatch(r"(\d+)x(\d+)", item)
+        if not match or int(match[1]) < 1 or int(match[2]) < 1:
+            raise ValueError(f"bad bucket {item!r} in {text!r}: write buckets as WIDTHxHEIGHT, e.g. 1152x896")
+        buckets.append((int(match[1]), int(match[2])))
+    if not buckets:
+        raise ValueError(f"no buckets in {text!r}: write them as e.g. 1024x1024,1152x896")
+    return buckets
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The ``(w, h)`` bucket whose aspect ratio is nearest ``width / height`` (in log ratio)."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda bucket: abs(math.log(bucket[0] / bucket[1]) - aspect))
+
+
+def resize_and_crop(rgba: np.ndarray, width: int, height: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Scale float RGBA to cover ``width x height``, centre-crop; return it and ``(top, left)``.
+
+    Resampling works on premultiplied colour so the (undefined) colour of
+    invisible pixels cannot bleed into the edges. Shrinking averages areas (a box
+    filter), which keeps alpha inside its input range: Lanczos rings by about 10 %
+    at hard matte edges, a visible halo. Enlarging uses Lanczos.
+    """
+    source_height, source_width = rgba.shape[:2]
+    scale = max(width / source_width, height / source_height)
+    scaled_width = max(width, round(source_width * scale))
+    scaled_height = max(height, round(source_height * scale))
+    if (scaled_width, scaled_height) != (source_width, source_height):
+        resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.LANCZOS
+        alpha = rgba[..., 3]
+        planes = [rgba[..., channel] * alpha for channel in range(3)] + [alpha]
+        resized = [
+            np.asarray(Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32)).resize(
+                (scaled_width, scaled_height), resample))
+            for plane in planes
+        ]
+        alpha = np.clip(resized[3], 0.0, 1.0)
+        safe_alpha = np.maximum(alpha, 1e-6)
+        colour = [np.clip(plane / safe_alpha, 0.0, 1.0) for plane in resized[:3]]
+        rgba = np.stack(colour + [alpha], axis=-1).astype(np.float32)
+    top, left = (scaled_height - height) // 2, (scaled_width - width) // 2
+    return rgba[top:top + height, left:left + width], (top, left)
+
+
+@dataclass(frozen=True)
+class _Job:
+    path: Path
+    root: Path
+    index: int
+    targets: tuple[tuple[int, int], ...]
+
+
+def write_folder(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    size: int = 1024,
+    buckets: list[tuple[int, int]] | None = None,
+    samples_per_shard: int = 1000,
+    workers: int = 1,
+) -> WriteReport:
+    """Convert every PNG under ``src_dir`` (recursively, sorted) into shards in ``out_dir``.
+
+    ``size`` gives square ``size x size`` samples unless ``buckets`` (``(w, h)``
+    pairs) are given. ``workers`` processes decode, resize and pad in parallel;
+    the output does not depend on their number.
+    """
+    src, out = Path(src_dir), Path(out_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source folder {src} does not exist (expected a folder of RGBA .png files)")
+    paths = sorted(path for path in src.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+    if not paths:
+        raise FileNotFoundError(f"no .png files under {src}: the writer reads RGBA PNGs with optional .txt captions")
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise ValueError(f"output folder {out} is inside the source folder {src}; pick an output folder outside it")
+    targets = tuple(buckets) if buckets else ((size, size),)
+    jobs = (_Job(path, src, index, targets) for index, path in enumerate(paths))
+
+    dropped: Counter = Counter()
+    examples: dict[str, list[str]] = defaultdict(list)
+    without_caption = 0
+    with ShardWriter(out, samples_per_shard) as writer:
+        for outcome in ordered_parallel_map(_prepare_chunk, jobs, workers=workers, chunk_size=4):
+            if isinstance(outcome, Dropped):
+                dropped[outcome.reason] += 1
+                if len(examples[outcome.reason]) < EXAMPLES_PER_REASON:
+                    examples[outcome.reason].append(outcome.path)
+                continue
+            sample, has_caption = outcome
+            without_caption += not has_caption
+            writer.write(sample)
+        manifest = writer.close(
+            source=str(src),
+            created_by="python -m data write",
+            targets=[f"{w}x{h}" for w, h in targets],
+            dropped=dict(dropped),
+        )
+    return WriteReport(manifest, dropped, examples, without_caption)
+
+
+def _prepare_chunk(jobs: list[_Job]) -> list[Dropped | tuple[TarSample, bool]]:
+    return [_prepare(job) for job in jobs]
+
+
+def _prepare(job: _Job) -> Dropped | tuple[TarSample, bool]:
+    relative = job.path.relative_to(job.root).as_posix()
+    try:
+        rgba = load_rgba(job.path, name=relative)
+    except MissingAlphaError as error:
+        return Dropped(relative, NO_ALPHA, str(error))
+    except Exception as error:  # noqa: BLE001 - any decode failure of one input file is reported, not fatal
+        return Dropped(relative, UNREADABLE, f"{type(error).__name__}: {error}")
+    original_size = rgba.shape[:2]
+    width, height = nearest_bucket(original_size[1], original_size[0], list(job.targets))
+    rgba, crop_top_left = resize_and_crop(rgba, width, height)
+    alpha_levels = np.rint(np.clip(rgba[..., 3], 0.0, 1.0) * 255.0)  # as the 8-bit PNG will store it
+    if alpha_levels.min() == 255:
+        return Dropped(relative, NO_TRANSPARENT_PIXEL)
+    if alpha_levels.max() == 0:
+        return Dropped(relative, NO_VISIBLE_PIXEL)
+    caption_path = job.path.with_suffix(".txt")
+    has_caption = caption_path.is_file()
+    try:
+        caption = caption_path.read_text(encoding="utf-8").strip() if has_caption else ""
+    except UnicodeDecodeError as error:
+        return Dropped(relative, CAPTION_NOT_UTF8, str(error))
+    sample = LayerSample(
+        key=f"{job.index:08d}_{_slug(job.path.stem)}",
+        foreground=prepare_foreground(rgba),
+        caption=caption,
+        original_size=original_size,
+        crop_top_left=crop_top_left,
+        source=relative,
+    )
+    return serialise_sample(encode_sample(sample)), has_caption
+
+
+def _slug(stem: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", stem)[:48].strip("-") or "image"
