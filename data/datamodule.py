@@ -129,7 +129,7 @@ class ShardStream(IterableDataset):
         tracker.check()
 
     def _assigned_members(self, consumer: int, consumers: int, tracker: _CorruptTracker) -> Iterator[dict[str, Any]]:
-        def shard_damaged(error: Exception) -> None:
+        def shard_damaged(error: CorruptMemberError) -> None:
             tracker.seen += 1
             tracker.record(error)
 
@@ -191,7 +191,7 @@ def _to_unit_float(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
-def _ignore(error: Exception) -> None:
+def _ignore(error: CorruptMemberError) -> None:
     del error
 
 
@@ -205,10 +205,18 @@ class _EpochDataLoader(DataLoader):
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
         self.epoch = first_epoch
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         self.dataset.epoch = self.epoch
         self.epoch += 1
-        return super().__iter__()
+        batches = super().__iter__()
+        try:
+            yield from batches
+        finally:
+            # A worker's exception leaves torch's iterator in a reference cycle, so its workers
+            # would be shut down only by a later garbage collection, which then stalls ~5 s.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
 
 class ShardDataModule(pl.LightningDataModule):

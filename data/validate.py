@@ -70,12 +70,9 @@ def validate_shards(urls: list[str]) -> ValidationReport:
     report = ValidationReport()
     seen_keys: set[str] = set()
 
-    def shard_damaged(error: Exception) -> None:
-        report.corrupt.append(f"unreadable tar data: {error}")
-
     for url in urls:
         report.shards[url] = 0
-    for members in iter_shard_samples(urls, shard_damaged):
+    for members in iter_shard_samples(urls, lambda error: report.corrupt.append(str(error))):
         url, key = members.get("__url__"), members.get("__key__")
         if key in seen_keys:
             report.duplicate_keys.append(f"{key} (again in {url})")

@@ -1,0 +1,203 @@
+"""``ShardDataModule``: batch contract, splitting by rank and worker, shuffling, buckets, errors."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections import Counter
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from test_data_support import rgb_png, truncated_foreground, write_tiny_shards
+
+from data import ShardDataModule
+from data.datamodule import CORRUPT_MEMBERS, ShardStream, TooManyCorruptMembersError
+from data.schema import FOREGROUND, SchemaError
+from data.shards import ShardSpecError
+
+BATCH_KEYS = {"rgb", "alpha", "caption", "key", "original_size", "crop_top_left", "corrupt_skipped"}
+LAYER_KEYS = {"background", "blend", "background_caption", "blend_caption"}
+
+
+def _epoch(module: ShardDataModule, loader=None) -> list[dict]:
+    loader = loader if loader is not None else module.train_dataloader()
+    return [module.on_before_batch_transfer(batch, 0) for batch in loader]
+
+
+def _keys(batches: list[dict]) -> list[str]:
+    return [key for batch in batches for key in batch["key"]]
+
+
+@pytest.mark.parametrize("require_layers", [False, True])
+def test_batches_follow_the_contract(tmp_path, require_layers):
+    write_tiny_shards(tmp_path, 10, per_shard=5, sizes=((32, 48),), layers=True)
+    module = ShardDataModule(str(tmp_path), batch_size=4, num_workers=0, require_layers=require_layers)
+    batches = _epoch(module)
+    assert [len(b["key"]) for b in batches] == [4, 4, 2]
+    batch = batches[0]
+    assert set(batch) == BATCH_KEYS | (LAYER_KEYS if require_layers else set())
+    assert batch["rgb"].shape == (4, 3, 32, 48) and batch["rgb"].dtype == torch.float32
+    assert batch["alpha"].shape == (4, 1, 32, 48) and batch["alpha"].dtype == torch.float32
+    assert batch["rgb"].is_contiguous() and batch["alpha"].is_contiguous()
+    for name in ("rgb", "alpha") + (("background", "blend") if require_layers else ()):
+        assert 0.0 <= batch[name].min() and batch[name].max() <= 1.0 and batch[name].max() > 0.5
+    assert 0.0 in batch["alpha"] and 1.0 in batch["alpha"]
+    assert batch["original_size"].dtype == torch.int64 and batch["original_size"].shape == (4, 2)
+    assert batch["original_size"][0].tolist() == [64, 96]
+    assert batch["crop_top_left"].dtype == torch.int64 and batch["crop_top_left"].shape == (4, 2)
+    assert batch["corrupt_skipped"].dtype == torch.int64 and batch["corrupt_skipped"].shape == ()
+    index = int(batch["key"][0].split("-")[1])
+    assert batch["caption"][0] == f"caption {index}" and batch["crop_top_left"][0].tolist() == [index % 3, index % 5]
+    if require_layers:
+        assert batch["background"].shape == batch["blend"].shape == (4, 3, 32, 48)
+        assert batch["blend_caption"][0] == f"blend {index}"
+
+
+@pytest.mark.parametrize("shards", [4, 1])  # whole shards per worker; fewer shards than workers: samples split
+def test_two_workers_cover_every_sample_exactly_once_per_epoch(tmp_path, shards):
+    write_tiny_shards(tmp_path, 20, per_shard=20 // shards)
+    module = ShardDataModule(str(tmp_path), batch_size=3, num_workers=2, shuffle_buffer=8)
+    loader = module.train_dataloader()
+    first, second = _keys(_epoch(module, loader)), _keys(_epoch(module, loader))
+    expected = [f"sample-{i:04d}" for i in range(20)]
+    assert sorted(first) == expected and sorted(second) == expected
+    assert first != second  # reshuffled per epoch
+
+
+def test_ranks_partition_the_data(tmp_path):
+    shards = write_tiny_shards(tmp_path, 24, per_shard=4)
+    common = dict(batch_size=2, shuffle=True, shuffle_buffer=4, seed=5, resample=False, require_layers=False,
+                  world_size=2, max_corrupt_fraction=0.0)
+    per_rank = [_keys(list(ShardStream(shards, rank=rank, **common))) for rank in (0, 1)]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == [f"sample-{i:04d}" for i in range(24)]
+
+
+def test_shuffling_is_reproducible_and_validation_is_ordered(tmp_path):
+    write_tiny_shards(tmp_path, 16, per_shard=4)
+    run = lambda seed: _keys(_epoch(ShardDataModule(str(tmp_path), batch_size=4, num_workers=0, seed=seed)))
+    assert run(1) == run(1) and run(1) != run(2)
+    module = ShardDataModule(str(tmp_path), val_shards=str(tmp_path), batch_size=4, val_batch_size=5, num_workers=0)
+    validation = _epoch(module, module.val_dataloader())
+    assert _keys(validation) == [f"sample-{i:04d}" for i in range(16)]
+    assert [len(b["key"]) for b in validation] == [5, 5, 5, 1]
+
+
+def test_batches_never_mix_sizes(tmp_path):
+    write_tiny_shards(tmp_path, 21, per_shard=7, sizes=((32, 32), (32, 48), (48, 32)))
+    batches = _epoch(ShardDataModule(str(tmp_path), batch_size=4, num_workers=0))
+    assert sorted(_keys(batches)) == [f"sample-{i:04d}" for i in range(21)]
+    assert Counter(tuple(b["rgb"].shape[2:]) for b in batches) == {(32, 32): 2, (32, 48): 2, (48, 32): 2}
+    assert sorted(len(b["key"]) for b in batches) == [3, 3, 3, 4, 4, 4]
+
+
+def test_resampling_streams_without_end(tmp_path):
+    write_tiny_shards(tmp_path, 6, per_shard=3)
+    loader = ShardDataModule(str(tmp_path), batch_size=4, num_workers=0, resample=True).train_dataloader()
+    batches = [batch for _, batch in zip(range(10), loader)]
+    assert len(batches) == 10 and all(len(b["key"]) == 4 for b in batches)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_members_are_skipped_counted_and_named(tmp_path, num_workers, caplog):
+    damage = {3: {FOREGROUND: truncated_foreground()}, 12: {FOREGROUND: b"garbage bytes, not a PNG"}}
+    shards = write_tiny_shards(tmp_path, 16, per_shard=8, damage=damage)
+    module = ShardDataModule(str(tmp_path), batch_size=4, num_workers=num_workers, max_corrupt_fraction=0.5)
+    with caplog.at_level(logging.WARNING, logger="data.datamodule"):
+        raw = list(module.train_dataloader())
+        batches = [module.on_before_batch_transfer(batch, 0) for batch in raw]
+    assert sorted(_keys(batches)) == [f"sample-{i:04d}" for i in range(16) if i not in damage]
+    assert sum(int(b["corrupt_skipped"]) for b in batches) == 2 and module.corrupt_skipped == 2
+    assert all(CORRUPT_MEMBERS not in b for b in batches)
+    assert f"shard {shards[0]}, key sample-0003, field 'fg.png'" in caplog.text
+    assert f"shard {shards[1]}, key sample-0012" in caplog.text
+    module.load_state_dict(module.state_dict())
+    assert module.corrupt_skipped == 2
+
+
+def test_too_many_corrupt_members_stop_training(tmp_path):
+    write_tiny_shards(tmp_path, 8, damage={i: {FOREGROUND: b"junk"} for i in range(0, 8, 2)})
+    module = ShardDataModule(str(tmp_path), batch_size=2, num_workers=0, max_corrupt_fraction=0.25)
+    with pytest.raises(TooManyCorruptMembersError, match=r"4 of 8 samples.*python -m data validate"):
+        list(module.train_dataloader())
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize(
+    "damage, require_layers, message",
+    [({5: {FOREGROUND: None}}, False, r"key sample-0005, field 'fg.png': required field missing.*python -m data write"),
+     ({5: {FOREGROUND: rgb_png()}}, False, r"key sample-0005, field 'fg.png': foreground has no alpha"),
+     ({}, True, r"key sample-000\d, field 'bg.png'.*require_layers: false")],
+)
+def test_schema_mismatch_stops_with_shard_key_and_fix(tmp_path, num_workers, damage, require_layers, message):
+    shards = write_tiny_shards(tmp_path, 8, per_shard=8, damage=damage)
+    module = ShardDataModule(str(tmp_path), batch_size=2, num_workers=num_workers, require_layers=require_layers)
+    # Worker processes re-raise a SchemaError with the same message.
+    with pytest.raises(SchemaError, match=message) as raised:
+        list(module.train_dataloader())
+    assert shards[0] in str(raised.value)
+    assert not multiprocessing.active_children()  # workers stopped now, not at some later GC
+
+
+def test_bad_specs_and_arguments_fail_early_and_clearly(tmp_path):
+    with pytest.raises(ShardSpecError, match="train_shards is empty"):
+        ShardDataModule("")
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        ShardDataModule(str(tmp_path), batch_size=0)
+    module = ShardDataModule(str(tmp_path / "missing"), num_workers=0)
+    with pytest.raises(ShardSpecError, match=r"missing.*do not exist.*python -m data write"):
+        module.prepare_data()
+
+
+def test_epoch_counter_is_saved_and_restored(tmp_path):
+    write_tiny_shards(tmp_path, 12, per_shard=4)
+    module = ShardDataModule(str(tmp_path), batch_size=4, num_workers=0)
+    loader = module.train_dataloader()
+    _epoch(module, loader)
+    state = module.state_dict()
+    second_epoch = _keys(_epoch(module, loader))
+    restored = ShardDataModule(str(tmp_path), batch_size=4, num_workers=0)
+    restored.load_state_dict(state)
+    assert state["epoch"] == 1 and _keys(_epoch(restored)) == second_epoch
+
+
+class _BatchRecorder(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.seen: list[set[str]] = []
+
+    def training_step(self, batch, batch_index):
+        self.seen.append(set(batch))
+        return (batch["rgb"].mean() - self.weight) ** 2
+
+    def validation_step(self, batch, batch_index):
+        self.seen.append(set(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_trains_under_lightning_with_the_exact_batch_keys(tmp_path):
+    write_tiny_shards(tmp_path / "train", 8, per_shard=4, damage={2: {FOREGROUND: b"junk"}})
+    write_tiny_shards(tmp_path / "val", 4, per_shard=4)
+    module = ShardDataModule(str(tmp_path / "train"), str(tmp_path / "val"), batch_size=2, num_workers=0,
+                             max_corrupt_fraction=0.5)
+    model = _BatchRecorder()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=module)
+    assert model.seen and all(keys == BATCH_KEYS for keys in model.seen)
+    assert module.corrupt_skipped == 2  # one per epoch
+    assert module.state_dict()["epoch"] == 2
+
+
+def test_constructor_signature_is_a_config_schema():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(ShardDataModule, "data")
+    config = parser.parse_args(["--data.train_shards", "embedded:openmoji-demo-64/train", "--data.batch_size", "3"])
+    assert config.data.train_shards == "embedded:openmoji-demo-64/train" and config.data.batch_size == 3
+    assert config.data.val_shards is None and config.data.require_layers is False
