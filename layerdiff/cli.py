@@ -14,7 +14,7 @@ def _wandb_offline() -> bool:
 
 
 if not OmegaConf.has_resolver("wandb_offline"):
-    OmegaConf.register_new_resolver("wandb_offline", _wandb_offline)
+    OmegaConf.register_resolver("wandb_offline", _wandb_offline)
 
 
 class LayerdiffCLI(LightningCLI):

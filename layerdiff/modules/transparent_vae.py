@@ -237,14 +237,21 @@ class TransparentVAEModule(FrozenBaseModule):
         )
         discriminator_optimizer.zero_grad(set_to_none=True)
         self.manual_backward(discriminator_loss)
-        self._clip_and_step(discriminator_optimizer)
+        self._clip_and_step(discriminator_optimizer, counts_as_step=False)
         self.untoggle_optimizer(discriminator_optimizer)
         self.log_dict({"train/adversarial": adversarial.detach(), "train/discriminator": discriminator_loss.detach()})
 
-    def _clip_and_step(self, optimizer) -> None:
+    def _clip_and_step(self, optimizer, counts_as_step: bool = True) -> None:
+        """Clip and step. Lightning advances ``global_step`` on every optimizer step; the
+        discriminator's step goes straight to the strategy (precision handling included) so
+        that one training step stays one batch and one generator update, and ``max_steps``,
+        ``val_check_interval`` and ``discriminator_start_step`` all count batches."""
         if self.hparams.gradient_clip_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_norm, gradient_clip_algorithm="norm")
-        optimizer.step()
+        if counts_as_step:
+            optimizer.step()
+        else:
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -1,0 +1,187 @@
+"""TransparentVAEModule end to end on the tiny SDXL model and tiny shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from test_data_support import truncated_foreground, write_tiny_shards
+
+from callbacks import CorruptSampleMonitor
+from data import ShardDataModule
+from data.schema import FOREGROUND
+from layerdiff.export import main as export_main
+from layerdiff.export import read_metadata
+from layerdiff.modules import TransparentVAEModule
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DECODER = {"decoder_block_out_channels": (8, 8, 16, 16, 16, 16, 16), "discriminator_channels": 8}
+
+
+def make_module(base_model: Path, **overrides) -> TransparentVAEModule:
+    arguments = {"base_model": str(base_model), "learning_rate": 1e-3, **TINY_DECODER, **overrides}
+    return TransparentVAEModule(**arguments)
+
+
+def make_trainer(tmp_path: Path, **overrides) -> Trainer:
+    arguments = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 2,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+        "inference_mode": False,
+        "default_root_dir": str(tmp_path),
+        **overrides,
+    }
+    return Trainer(**arguments)
+
+
+@pytest.fixture
+def shards(tmp_path) -> dict[str, str]:
+    train = write_tiny_shards(tmp_path / "train", 8, sizes=((64, 64),))
+    val = write_tiny_shards(tmp_path / "val", 4, sizes=((64, 64),))
+    return {"train": ",".join(train), "val": ",".join(val)}
+
+
+def make_data(shards: dict[str, str], batch_size: int = 2, **overrides) -> ShardDataModule:
+    arguments = {"train_shards": shards["train"], "val_shards": shards["val"], "batch_size": batch_size, "num_workers": 0}
+    return ShardDataModule(**{**arguments, **overrides})
+
+
+def parameters_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> bool:
+    return any(not torch.equal(before[name], value) for name, value in module.state_dict().items())
+
+
+def test_a_step_trains_encoder_decoder_and_discriminator_but_never_the_frozen_vae(tiny_sdxl, shards, tmp_path):
+    module = make_module(tiny_sdxl, discriminator_start_step=0)
+    snapshots = {name: parameters_of(getattr(module, name)) for name in ("vae", "transparent_encoder", "transparent_decoder", "discriminator")}
+    trainer = make_trainer(tmp_path)
+    trainer.fit(module, datamodule=make_data(shards))
+    assert trainer.global_step == 2, "a training step is one batch, whatever the discriminator does"
+    assert not changed(snapshots["vae"], module.vae)
+    assert changed(snapshots["transparent_encoder"], module.transparent_encoder)
+    assert changed(snapshots["transparent_decoder"], module.transparent_decoder)
+    assert changed(snapshots["discriminator"], module.discriminator)
+
+
+def test_the_discriminator_waits_for_its_start_step(tiny_sdxl, shards, tmp_path):
+    module = make_module(tiny_sdxl, discriminator_start_step=1000)
+    before = parameters_of(module.discriminator)
+    make_trainer(tmp_path).fit(module, datamodule=make_data(shards))
+    assert not changed(before, module.discriminator)
+
+
+def test_it_learns_alpha(tiny_sdxl, shards, tmp_path):
+    module = make_module(tiny_sdxl, adversarial_weight=0.0, learning_rate=2e-3)
+    assert module.discriminator is None
+    data = make_data(shards, batch_size=4, resample=True)
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()))
+
+    def alpha_error() -> float:
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(module.reconstruct(batch["rgb"], batch["alpha"])["alpha"], batch["alpha"]).item()
+
+    before = alpha_error()
+    make_trainer(tmp_path, max_steps=60).fit(module, datamodule=data)
+    after = alpha_error()
+    assert after < before / 3, f"alpha MSE {before:.4f} -> {after:.4f}"
+
+
+def test_validation_reports_alpha_mse_colour_and_identity_psnr(tiny_sdxl, shards, tmp_path):
+    for augmentation in (False, True):
+        module = make_module(tiny_sdxl, validation_augmentation=augmentation)
+        metrics = make_trainer(tmp_path, limit_val_batches=None).validate(module, datamodule=make_data(shards), verbose=False)[0]
+        assert set(metrics) == {"val/alpha_mse", "val/rgb_psnr_visible", "val/identity_psnr"}
+        assert 0 < metrics["val/alpha_mse"] < 1 and 0 < metrics["val/rgb_psnr_visible"] < 60
+        # the offset encoder's last layer starts at zero: the untrained offset changes nothing
+        assert metrics["val/identity_psnr"] == float("inf")
+
+
+def test_checkpoints_hold_only_trained_weights_and_restore_exactly(tiny_sdxl, shards, tmp_path):
+    module = make_module(tiny_sdxl)
+    trainer = make_trainer(tmp_path)
+    trainer.fit(module, datamodule=make_data(shards))
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)["state_dict"]
+    assert saved and not any(key.startswith("vae.") for key in saved)
+    assert any(key.startswith("transparent_decoder.") for key in saved)
+
+    restored = TransparentVAEModule.load_from_checkpoint(path)
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[name]), name
+
+
+def test_corrupt_members_in_a_run_are_skipped_and_counted(tiny_sdxl, tmp_path):
+    damaged = {1: {FOREGROUND: truncated_foreground(1)}, 5: {FOREGROUND: b"not a png"}}
+    train = write_tiny_shards(tmp_path / "train", 10, sizes=((64, 64),), damage=damaged)
+    data = ShardDataModule(train_shards=",".join(train), batch_size=2, num_workers=2, max_corrupt_fraction=0.5)
+    trainer = make_trainer(tmp_path, max_steps=-1, max_epochs=1, callbacks=[CorruptSampleMonitor()])
+    trainer.fit(make_module(tiny_sdxl), datamodule=data)
+    # 8 good samples; each of the 2 workers ends its share with a short batch
+    assert trainer.global_step == 5
+    assert trainer.callback_metrics["data/corrupt_skipped"] == 2
+    assert data.corrupt_skipped == 2
+
+
+def test_export_from_a_training_checkpoint_loads_back_as_initialisation(tiny_sdxl, shards, tmp_path):
+    module = make_module(tiny_sdxl)
+    trainer = make_trainer(tmp_path)
+    trainer.fit(module, datamodule=make_data(shards))
+    checkpoint = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    export_main(["transparent-vae", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "export")])
+
+    metadata = read_metadata(tmp_path / "export" / "vae_transparent_decoder.safetensors")
+    assert json.loads(metadata["layerdiff_config"])["learning_rate"] == 1e-3
+
+    reloaded = make_module(tiny_sdxl, init_from=str(tmp_path / "export"))
+    rgb, alpha = torch.rand(1, 3, 64, 64), (torch.rand(1, 1, 64, 64) > 0.5).float()
+    with torch.no_grad():
+        expected = module.eval().reconstruct(rgb, alpha)
+        actual = reloaded.eval().reconstruct(rgb, alpha)
+    assert torch.equal(expected["alpha"], actual["alpha"]) and torch.equal(expected["rgb"], actual["rgb"])
+
+
+def test_perceptual_term_without_weights_is_refused_clearly(tiny_sdxl):
+    with pytest.raises(ValueError, match="lpips_weights"):
+        make_module(tiny_sdxl, perceptual_weight=0.1)
+
+
+def test_two_step_fit_through_train_py_with_the_demo_overlay(tiny_sdxl, shards, tmp_path):
+    root = tmp_path / "run"
+    command = [
+        sys.executable, "train.py", "fit",
+        "-c", "configs/transparent_vae.yaml", "-c", "configs/demo/transparent_vae.yaml",
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+        "--trainer.default_root_dir", str(root),
+        "--model.init_args.base_model", str(tiny_sdxl),
+        "--data.init_args.train_shards", shards["train"],
+        "--data.init_args.val_shards", shards["val"],
+        "--data.init_args.num_workers", "0",
+    ]
+    environment = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+    assert (root / "config.yaml").is_file()
+    assert sorted(path.name for path in (root / "images").glob("*.png")) == [
+        "alpha_step0000002.png",
+        "reconstruction_step0000002.png",
+    ]
+    assert list((root / "wandb").glob("offline-run-*"))
