@@ -113,7 +113,9 @@ def emoji_caption(codepoint: int) -> str:
 
 
 @dataclass(frozen=True)
-class _DemoJob:
+class DemoJob:
+    """Everything one demo sample depends on."""
+
     split: str
     index: int
     size: int
@@ -121,7 +123,7 @@ class _DemoJob:
     codepoint: int
 
 
-def make_demo_sample(job: _DemoJob) -> LayerSample:
+def make_demo_sample(job: DemoJob) -> LayerSample:
     """Build one fg / bg / blend triplet; it depends only on the job's fields."""
     rng = np.random.default_rng([job.seed, SPLITS.index(job.split), job.index])
     rgba = render_emoji(job.codepoint, job.size, rng)
@@ -258,7 +260,7 @@ def _photo_crop(loader: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(crop.resize((size, size), resample), dtype=np.float32) / 255.0
 
 
-def _make_chunk(jobs: list[_DemoJob]) -> list[TarSample]:
+def _make_chunk(jobs: list[DemoJob]) -> list[TarSample]:
     return [serialise_sample(encode_sample(make_demo_sample(job))) for job in jobs]
 
 
@@ -300,7 +302,7 @@ def write_demo(
     for split, count in (("train", train), ("val", val)):
         split_dir = Path(out_dir) / split
         emoji = codepoints[split]
-        jobs = (_DemoJob(split, index, size, seed, emoji[index % len(emoji)]) for index in range(count))
+        jobs = (DemoJob(split, index, size, seed, emoji[index % len(emoji)]) for index in range(count))
         with ShardWriter(split_dir, samples_per_shard) as writer:
             for sample in ordered_parallel_map(_make_chunk, jobs, workers=workers, chunk_size=32):
                 writer.write(sample)

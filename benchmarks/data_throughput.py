@@ -1,0 +1,172 @@
+"""Data pipeline throughput: raw PNG decode vs. the ShardDataModule loader, and the shard writer.
+
+    python benchmarks/data_throughput.py [--size 256] [--samples 400] [--no-write]
+
+Builds demo shards in a temporary folder, then measures on the same shards:
+
+* raw decode: read the tar files and decode the PNG members to arrays, one process;
+* the training loader (``ShardDataModule.train_dataloader``) with 0, 1 and 2 workers,
+  foreground only and with layers (``require_layers``);
+* the folder writer (``python -m data write``) with 1 and 2 worker processes.
+
+Prints a markdown table and, unless ``--no-write``, puts it into the "Data pipeline"
+section of BENCHMARKS.md beside this folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import re
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.datamodule import ShardDataModule
+from data.demo import DemoJob, make_demo_sample, split_codepoints, write_demo
+from data.shards import resolve_shards
+from data.writer import write_folder
+
+BENCHMARKS_FILE = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+SECTION_TITLE = "## Data pipeline"
+LOADER_WORKERS = (0, 1, 2)
+WRITER_WORKERS = (1, 2)
+
+
+def machine_description() -> str:
+    """``"2-core CPU, AMD EPYC, no GPU"``."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()}-core CPU, {model}, {gpu}"
+
+
+def best_rates(runs: dict[str, Callable[[], int]], repeats: int) -> dict[str, float]:
+    """Items per second of each run (it returns its item count), best of ``repeats``.
+
+    The runs take turns, so load from other processes on a shared machine hits them alike.
+    """
+    rates: dict[str, float] = dict.fromkeys(runs, 0.0)
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            items = run()
+            rates[name] = max(rates[name], items / (time.perf_counter() - started))
+    return rates
+
+
+def raw_decode(shards: list[str], members: tuple[str, ...]) -> int:
+    """Read every tar and decode the named PNG members to arrays; returns the sample count."""
+    samples = 0
+    for shard in shards:
+        with tarfile.open(shard, mode="r|") as archive:
+            for info in archive:
+                if info.name.split(".", 1)[1] in members:
+                    np.asarray(Image.open(io.BytesIO(archive.extractfile(info).read())))
+                    samples += info.name.endswith(members[0])
+    return samples
+
+
+def loader_epoch(shards: str, workers: int, layers: bool, batch_size: int) -> int:
+    module = ShardDataModule(shards, batch_size=batch_size, num_workers=workers, require_layers=layers)
+    return sum(len(batch["key"]) for batch in module.train_dataloader())
+
+
+def make_writer_source(folder: Path, count: int, size: int) -> None:
+    """RGBA PNGs to convert: demo foregrounds (with effects) at 1.5x the target size."""
+    folder.mkdir(parents=True)
+    emoji = split_codepoints(0)["train"]
+    for index in range(count):
+        sample = make_demo_sample(DemoJob("train", index, round(size * 1.5), 0, emoji[index]))
+        Image.fromarray(np.rint(sample.foreground * 255).astype(np.uint8)).save(folder / f"{index:05d}.png")
+        (folder / f"{index:05d}.txt").write_text(sample.caption, encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256, help="image size (default 256)")
+    parser.add_argument("--samples", type=int, default=400, help="training samples in the shards (default 400)")
+    parser.add_argument("--writer-images", type=int, default=120, help="images for the writer benchmark")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best counts")
+    parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
+    args = parser.parse_args()
+
+    rows: list[tuple[str, str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="layerdiff-bench-") as temporary:
+        root = Path(temporary)
+        started = time.perf_counter()
+        write_demo(root / "demo", size=args.size, train=args.samples, val=16, samples_per_shard=100)
+        build_seconds = time.perf_counter() - started
+        spec = str(root / "demo" / "train")
+        shards = resolve_shards(spec)
+        rows.append((f"demo build ({args.samples + 16} fg/bg/blend triplets, {os.cpu_count()} processes)",
+                     f"{(args.samples + 16) / build_seconds:.0f} samples/s", f"{build_seconds:.1f} s"))
+
+        for layers, members in ((False, ("fg.png",)), (True, ("fg.png", "bg.png", "blend.png"))):
+            what = "fg + bg + blend" if layers else "fg only"
+            runs = {"raw": lambda: raw_decode(shards, members)}
+            for workers in LOADER_WORKERS:
+                runs[workers] = lambda workers=workers: loader_epoch(spec, workers, layers, args.batch_size)
+            rates = best_rates(runs, args.repeats)
+            raw = rates.pop("raw")
+            rows.append((f"raw PNG decode, {what} (tar read + PIL decode, 1 process)", f"{raw:.0f} samples/s", "1.00x"))
+            for workers, rate in rates.items():
+                per_worker = f", {rate / workers:.0f}/worker" if workers > 1 else ""
+                rows.append((f"ShardDataModule train loader, {what}, num_workers={workers}",
+                             f"{rate:.0f} samples/s{per_worker}", f"{rate / raw:.2f}x"))
+
+        source = root / "writer-source"
+        make_writer_source(source, args.writer_images, args.size)
+        writers = {
+            workers: lambda workers=workers: write_folder(
+                source, root / f"written-{workers}", size=args.size, workers=workers).manifest.num_samples
+            for workers in WRITER_WORKERS
+        }
+        for workers, rate in best_rates(writers, args.repeats).items():
+            rows.append((f"shard writer, {round(args.size * 1.5)} px RGBA -> {args.size} px, workers={workers}",
+                         f"{rate:.1f} images/s", ""))
+
+    table = "\n".join(
+        ["| measurement | throughput | vs. raw decode / time |", "|---|---|---|"]
+        + [f"| {name} | {rate} | {ratio} |" for name, rate, ratio in rows]
+    )
+    section = (
+        f"{SECTION_TITLE}\n\n"
+        f"`python benchmarks/data_throughput.py` on {machine_description()}; {args.size} px demo shards "
+        f"({args.samples} training samples, {len(shards)} shards), batch size {args.batch_size}, "
+        f"best of {args.repeats} runs, worker start-up included.\n\n{table}\n"
+    )
+    print(section)
+    if not args.no_write:
+        write_section(BENCHMARKS_FILE, section)
+        print(f"updated {BENCHMARKS_FILE}")
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace (or append) the ``## Data pipeline`` section of ``path``, keeping other sections."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\nMeasured results, one section per area.\n"
+    pattern = re.compile(rf"^{re.escape(SECTION_TITLE)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
