@@ -57,11 +57,13 @@ class _CorruptTracker:
     max_fraction: float
     seen: int = 0
     corrupt: int = 0
-    pending: list[str] = field(default_factory=list)
+    latest: str = ""
+    pending: list[str] = field(default_factory=list)  # not yet reported in a batch
 
-    def record(self, error: Exception) -> None:
+    def record(self, error: CorruptMemberError) -> None:
         self.corrupt += 1
-        self.pending.append(str(error))
+        self.latest = str(error)
+        self.pending.append(self.latest)
         if self.seen >= MIN_SAMPLES_FOR_CORRUPT_CHECK:
             self.check()
 
@@ -69,7 +71,7 @@ class _CorruptTracker:
         if self.corrupt > self.max_fraction * self.seen or (self.corrupt and self.corrupt == self.seen):
             raise TooManyCorruptMembersError(
                 f"{self.corrupt} of {self.seen} samples read by one data worker were corrupt, more than "
-                f"max_corrupt_fraction={self.max_fraction}; latest: {self.pending[-1] if self.pending else '-'}. "
+                f"max_corrupt_fraction={self.max_fraction}; latest: {self.latest}. "
                 "Fix: list them with `python -m data validate SHARDS`, re-write the damaged shards, "
                 "or raise `max_corrupt_fraction` if losing these samples is acceptable."
             )
@@ -115,12 +117,15 @@ class ShardStream(IterableDataset):
         tracker = _CorruptTracker(self.max_corrupt_fraction)
         members = self._assigned_members(consumer, consumers, tracker)
         if self.shuffle and self.shuffle_buffer > 1:
-            members = _shuffled(members, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, consumer, 1]))
+            rng = np.random.default_rng([self.seed, self.epoch, consumer, 1])
+            members = _shuffled(members, self.shuffle_buffer, rng)
         buckets: dict[tuple[int, int], list[LayerSample]] = {}
         for sample_members in members:
             tracker.seen += 1
             try:
-                sample = decode_sample(sample_members, decode_layers=self.require_layers, require_layers=self.require_layers)
+                sample = decode_sample(
+                    sample_members, decode_layers=self.require_layers, require_layers=self.require_layers
+                )
             except CorruptMemberError as error:
                 tracker.record(error)
                 continue
@@ -149,7 +154,8 @@ class ShardStream(IterableDataset):
             yield from iter_shard_samples(order[consumer::consumers], shard_damaged)
             return
         # Every consumer reads every shard; damage to a whole shard is reported by consumer 0 only.
-        for index, members in enumerate(iter_shard_samples(order, shard_damaged if consumer == 0 else _ignore)):
+        on_damage = shard_damaged if consumer == 0 else lambda error: None
+        for index, members in enumerate(iter_shard_samples(order, on_damage)):
             if index % consumers == consumer:
                 yield members
 
@@ -200,8 +206,9 @@ def to_unit_float(batch: dict[str, Any], *, pin_memory: bool = False) -> dict[st
     """Convert a ``ShardStream`` batch's uint8 images to contiguous float32 in [0, 1], in place.
 
     Done in the training process, not the workers: float images are four times the
-    bytes to pass between processes, which capped a 2-core machine at ~900 samples/s
-    at 256 px. numpy rather than torch: torch's thread team made this 8x slower there.
+    bytes to pass between processes; sending uint8 doubled the throughput of one worker
+    at 256 px on a 2-core machine. numpy rather than torch: torch's thread team made
+    this conversion 8x slower there.
     The cast and the multiply by 1/255 are within one float32 ulp of x / 255; 255 -> 1.0.
     """
     for name in IMAGE_KEYS:
@@ -212,10 +219,6 @@ def to_unit_float(batch: dict[str, Any], *, pin_memory: bool = False) -> dict[st
             array *= np.float32(1.0 / 255.0)
             batch[name] = unit
     return batch
-
-
-def _ignore(error: CorruptMemberError) -> None:
-    del error
 
 
 class _EpochDataLoader(DataLoader):
@@ -354,7 +357,9 @@ class ShardDataModule(pl.LightningDataModule):
         if self._val_urls is None:
             self.setup("validate")
         stream = self._stream(self._val_urls, self.val_batch_size, training=False)
-        return _EpochDataLoader(stream, first_epoch=0, num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+        return _EpochDataLoader(
+            stream, first_epoch=0, num_workers=self.num_workers, pin_memory=torch.cuda.is_available()
+        )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Add the batch's skipped corrupt members to the running total; warn about the first few."""

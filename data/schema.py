@@ -73,6 +73,7 @@ BLEND_CAPTION = "blend.txt"
 LATENT_PREFIX = "latent."
 
 REQUIRED_METADATA = ("width", "height", "original_size", "crop_top_left")
+_SAMPLE_METADATA = REQUIRED_METADATA + ("alpha_coverage", "source", "license", "attribution")
 
 REWRITE_HINT = "re-write the shards with `python -m data write SRC_DIR OUT_DIR ...`"
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -92,7 +93,8 @@ class CorruptMemberError(ValueError):
 
 def schema_error(url: str | None, key: str | None, field_name: str, problem: str, fix: str) -> SchemaError:
     """A ``SchemaError`` naming the shard, the key, the field, the problem and the fix."""
-    return SchemaError(f"shard {url or '<unknown>'}, key {key or '<unknown>'}, field {field_name!r}: {problem}. Fix: {fix}.")
+    where = f"shard {url or '<unknown>'}, key {key or '<unknown>'}, field {field_name!r}"
+    return SchemaError(f"{where}: {problem}. Fix: {fix}.")
 
 
 def corrupt_member(url: str | None, key: str | None, field_name: str, problem: str) -> CorruptMemberError:
@@ -122,8 +124,8 @@ class LayerSample:
     blend_caption: str = ""
     license: str | None = None
     attribution: str | None = None
-    provenance: dict[str, Any] = field(default_factory=dict)
-    url: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)  # further json fields, kept as they are
+    url: str | None = None  # the shard it was read from
 
     @property
     def size(self) -> tuple[int, int]:
@@ -132,6 +134,7 @@ class LayerSample:
 
     @property
     def has_layers(self) -> bool:
+        """Whether background and blend are present."""
         return self.background is not None and self.blend is not None
 
 
@@ -202,7 +205,8 @@ def decode_sample(
     url, key = members.get("__url__"), members.get("__key__")
     for name in (FOREGROUND, CAPTION, METADATA):
         if name not in members:
-            raise schema_error(url, key, name, f"required field missing (sample has {_field_names(members)})", REWRITE_HINT)
+            present = ", ".join(_field_names(members)) or "nothing"
+            raise schema_error(url, key, name, f"required field missing (the sample has {present})", REWRITE_HINT)
     metadata = _decode_metadata(members, url, key)
     foreground = _decode_png(members[FOREGROUND], url, key, FOREGROUND, want_alpha=True)
     height, width = foreground.shape[:2]
@@ -220,7 +224,7 @@ def decode_sample(
         source=str(metadata.get("source", "")),
         license=metadata.get("license"),
         attribution=metadata.get("attribution"),
-        provenance={k: v for k, v in metadata.items() if k not in REQUIRED_METADATA},
+        provenance={k: v for k, v in metadata.items() if k not in _SAMPLE_METADATA},
         url=url,
     )
     if not (decode_layers or require_layers):
@@ -234,15 +238,17 @@ def decode_sample(
             "pass `require_layers: false`, or write shards with backgrounds (e.g. `python -m data demo`)",
         )
     if len(present) == 1:
-        raise schema_error(url, key, present[0], "bg.png and blend.png come together, only one is present", REWRITE_HINT)
+        problem = "bg.png and blend.png come together; only one is present"
+        raise schema_error(url, key, present[0], problem, REWRITE_HINT)
     if present:
         sample.background = _decode_png(members[BACKGROUND], url, key, BACKGROUND, want_alpha=False)
         sample.blend = _decode_png(members[BLEND], url, key, BLEND, want_alpha=False)
         for name, image in ((BACKGROUND, sample.background), (BLEND, sample.blend)):
             if image.shape[:2] != (height, width):
-                raise schema_error(url, key, name, f"size {image.shape[1]}x{image.shape[0]} differs from fg.png {width}x{height}", REWRITE_HINT)
-        sample.background_caption = _decode_text(members, BACKGROUND_CAPTION, url, key) if BACKGROUND_CAPTION in members else ""
-        sample.blend_caption = _decode_text(members, BLEND_CAPTION, url, key) if BLEND_CAPTION in members else ""
+                problem = f"size {image.shape[1]}x{image.shape[0]} differs from fg.png {width}x{height}"
+                raise schema_error(url, key, name, problem, REWRITE_HINT)
+        sample.background_caption = _decode_text(members, BACKGROUND_CAPTION, url, key, default="")
+        sample.blend_caption = _decode_text(members, BLEND_CAPTION, url, key, default="")
     return sample
 
 
@@ -278,7 +284,11 @@ def _decode_png(data: bytes, url: str | None, key: str | None, name: str, *, wan
         raise corrupt_member(url, key, name, f"{type(error).__name__}: {error}") from error
 
 
-def _decode_text(members: Mapping[str, Any], name: str, url: str | None, key: str | None) -> str:
+def _decode_text(
+    members: Mapping[str, Any], name: str, url: str | None, key: str | None, default: str | None = None
+) -> str:
+    if name not in members and default is not None:
+        return default
     value = members[name]
     if isinstance(value, str):
         return value

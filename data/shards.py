@@ -167,7 +167,10 @@ class TarSample:
 
 
 def serialise_sample(members: Mapping[str, Any]) -> TarSample:
-    """Turn ``encode_sample``'s member dict into tar blocks: no time stamps or owners, so same bytes in, same bytes out."""
+    """Turn ``encode_sample``'s member dict into tar blocks.
+
+    Headers carry no time stamps or owners: the same sample always gives the same bytes.
+    """
     key = members["__key__"]
     blocks = []
     for name, value in members.items():

@@ -58,7 +58,9 @@ class ValidationReport:
                 f"multi-layer samples (bg.png + blend.png): {self.with_layers} of {self.samples}",
             ]
         lines += _problem_lines("duplicate keys (warning)", self.duplicate_keys, listed)
-        lines += _problem_lines("samples without a transparent or a visible pixel (warning)", self.not_transparent, listed)
+        lines += _problem_lines(
+            "samples without a transparent or a visible pixel (warning)", self.not_transparent, listed
+        )
         lines += _problem_lines("corrupt members", self.corrupt, listed)
         lines += _problem_lines("schema errors", self.schema_errors, listed)
         lines += ["", "OK" if self.ok else "FAILED: fix the corrupt members / schema errors above"]

@@ -43,7 +43,8 @@ def test_round_trip_keeps_pixels_captions_and_metadata():
     assert (decoded.license, decoded.attribution, decoded.source) == ("CC0", "someone", "test/3.png")
     metadata = json.loads(encode_sample(sample)[METADATA])
     assert metadata["width"] == 48 and metadata["height"] == 32
-    assert metadata["alpha_coverage"] == pytest.approx(np.count_nonzero(sample.foreground[..., 3]) / (32 * 48), abs=1e-6)
+    visible = np.count_nonzero(sample.foreground[..., 3]) / (32 * 48)
+    assert metadata["alpha_coverage"] == pytest.approx(visible, abs=1e-6)
 
 
 def test_layers_are_not_decoded_unless_asked():
