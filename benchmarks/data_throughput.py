@@ -7,7 +7,8 @@ Builds demo shards in a temporary folder, then measures on the same shards:
 * raw decode: read the tar files and decode the PNG members to arrays, one process;
 * the training loader (``ShardDataModule.train_dataloader``) with 0, 1 and 2 workers,
   foreground only and with layers (``require_layers``);
-* the folder writer (``python -m data write``) with 1 and 2 worker processes.
+* the folder writer (``python -m data write``) with 1 and 2 worker processes;
+* building the demo shards (the default 64 px set, and the shards measured here).
 
 Prints a markdown table and, unless ``--no-write``, puts it into the "Data pipeline"
 section of BENCHMARKS.md beside this folder.
@@ -110,11 +111,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="layerdiff-bench-") as temporary:
         root = Path(temporary)
         started = time.perf_counter()
+        write_demo(root / "demo-64", size=64, train=2000, val=128)
+        build_seconds = time.perf_counter() - started
+        rows.append((f"demo build, `python -m data demo` defaults (64 px, 2000 + 128), {os.cpu_count()} processes",
+                     f"{2128 / build_seconds:.0f} samples/s", f"{build_seconds:.1f} s"))
+
+        started = time.perf_counter()
         write_demo(root / "demo", size=args.size, train=args.samples, val=16, samples_per_shard=100)
         build_seconds = time.perf_counter() - started
         spec = str(root / "demo" / "train")
         shards = resolve_shards(spec)
-        rows.append((f"demo build ({args.samples + 16} fg/bg/blend triplets, {os.cpu_count()} processes)",
+        rows.append((f"demo build, {args.size} px, {args.samples} + 16 samples, {os.cpu_count()} processes",
                      f"{(args.samples + 16) / build_seconds:.0f} samples/s", f"{build_seconds:.1f} s"))
 
         for layers, members in ((False, ("fg.png",)), (True, ("fg.png", "bg.png", "blend.png"))):
@@ -159,7 +166,8 @@ def main() -> None:
 
 def write_section(path: Path, section: str) -> None:
     """Replace (or append) the ``## Data pipeline`` section of ``path``, keeping other sections."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\nMeasured results, one section per area.\n"
+    default = "# Benchmarks\n\nMeasured results, one section per area.\n"
+    text = path.read_text(encoding="utf-8") if path.exists() else default
     pattern = re.compile(rf"^{re.escape(SECTION_TITLE)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text, count=1)

@@ -41,6 +41,7 @@ EFFECT_PROBABILITY = 0.5
 VAL_EMOJI_FRACTION = 0.1
 SPLITS = ("train", "val")
 PARAMETERS_NAME = "demo.json"
+_SPLIT_STREAM = 7919  # keeps the random stream of the emoji split apart from the samples' streams
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def openmoji_codepoints() -> tuple[int, ...]:
 def split_codepoints(seed: int) -> dict[str, tuple[int, ...]]:
     """Disjoint emoji sets per split: a seeded ``VAL_EMOJI_FRACTION`` is held out for validation."""
     codepoints = np.array(openmoji_codepoints())
-    order = np.random.default_rng([seed, 7919]).permutation(len(codepoints))
+    order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(len(codepoints))
     held_out = max(1, int(len(codepoints) * VAL_EMOJI_FRACTION))
     return {"val": tuple(codepoints[order[:held_out]].tolist()), "train": tuple(codepoints[order[held_out:]].tolist())}
 

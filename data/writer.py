@@ -35,7 +35,7 @@ CAPTION_NOT_UTF8 = "caption is not UTF-8"
 
 @dataclass(frozen=True)
 class Dropped:
-    """An input file that was not written, and why."""
+    """An input file that was not written, and why (``detail``: the error, where there is one)."""
 
     path: str
     reason: str
@@ -137,6 +137,8 @@ def write_folder(
     the output does not depend on their number.
     """
     src, out = Path(src_dir), Path(out_dir)
+    if size < 1:
+        raise ValueError(f"size must be a positive number of pixels, got {size}")
     if not src.is_dir():
         raise FileNotFoundError(f"source folder {src} does not exist (expected a folder of RGBA .png files)")
     paths = sorted(path for path in src.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
@@ -155,7 +157,8 @@ def write_folder(
             if isinstance(outcome, Dropped):
                 dropped[outcome.reason] += 1
                 if len(examples[outcome.reason]) < EXAMPLES_PER_REASON:
-                    examples[outcome.reason].append(outcome.path)
+                    example = f"{outcome.path} ({outcome.detail})" if outcome.detail else outcome.path
+                    examples[outcome.reason].append(example)
                 continue
             sample, has_caption = outcome
             without_caption += not has_caption
@@ -177,8 +180,8 @@ def _prepare(job: _Job) -> Dropped | tuple[TarSample, bool]:
     relative = job.path.relative_to(job.root).as_posix()
     try:
         rgba = load_rgba(job.path, name=relative)
-    except MissingAlphaError as error:
-        return Dropped(relative, NO_ALPHA, str(error))
+    except MissingAlphaError:
+        return Dropped(relative, NO_ALPHA)
     except Exception as error:  # noqa: BLE001 - any decode failure of one input file is reported, not fatal
         return Dropped(relative, UNREADABLE, f"{type(error).__name__}: {error}")
     original_size = rgba.shape[:2]
