@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data.__main__ import main
 from data.demo import (
     OPENMOJI_ATTRIBUTION,
     emoji_caption,
@@ -99,3 +100,20 @@ def test_embedded_demo_is_built_once_into_the_cache(tmp_path, monkeypatch):
     assert ensure_demo_shards(32) == root  # present: not rebuilt
     assert [p.stat().st_mtime_ns for p in (root / "train").glob("*.tar")] == built
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temporary build folders left
+
+
+def test_demo_cache_is_rebuilt_when_asked_for_other_parameters(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERDIFF_CACHE", str(tmp_path))
+    root = ensure_demo_shards(16, train=4, val=2)
+    assert json.loads((root / "train" / "index.json").read_text())["num_samples"] == 4
+    assert ensure_demo_shards(16, train=6, val=2) == root
+    assert json.loads((root / "train" / "index.json").read_text())["num_samples"] == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-16"]
+
+
+def test_demo_cli(tmp_path, capsys):
+    assert main(["demo", str(tmp_path), "--size", "16", "--train", "3", "--val", "2", "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 samples in 1 shard(s)" in printed and "CC BY-SA 4.0" in printed
+    assert main(["demo", str(tmp_path), "--size", "8"]) == 2
+    assert "at least 16 px" in capsys.readouterr().err
