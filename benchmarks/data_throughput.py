@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = parser.parse_args()
 
+    load_at_start = os.getloadavg()[0]  # the machine may be shared; a busy one lowers every number
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="layerdiff-bench-") as temporary:
         root = Path(temporary)
@@ -156,7 +157,8 @@ def main() -> None:
         f"{SECTION_TITLE}\n\n"
         f"`python benchmarks/data_throughput.py` on {machine_description()}; {args.size} px demo shards "
         f"({args.samples} training samples, {len(shards)} shards), batch size {args.batch_size}, "
-        f"best of {args.repeats} runs, worker start-up included.\n\n{table}\n"
+        f"best of {args.repeats} interleaved runs, worker start-up included; 1-minute load average "
+        f"{load_at_start:.1f} when the run started.\n\n{table}\n"
     )
     print(section)
     if not args.no_write:

@@ -194,8 +194,14 @@ def _shuffled(items: Iterator[Any], buffer_size: int, rng: np.random.Generator) 
 
 
 def _channels_first(images: list[np.ndarray]) -> torch.Tensor:
-    # uint8 H x W x C images to one B x C x H x W tensor. Inside a worker default_collate
-    # stacks straight into shared memory, which saves a copy on the way to the training process.
+    """uint8 ``H x W x C`` images to one ``B x C x H x W`` tensor.
+
+    Inside a worker, default_collate stacks straight into shared memory, which saves a
+    copy on the way to the training process. In the training process itself numpy
+    does it: torch's thread team ran this copy 3x slower on a busy 2-core machine.
+    """
+    if get_worker_info() is None:
+        return torch.from_numpy(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)))
     with warnings.catch_warnings():
         # Pillow's arrays are read-only; torch warns about wrapping them, but they are only read.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
