@@ -17,12 +17,21 @@ from huggingface_hub import constants as hub_constants
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from layerdiff.models import base
-from layerdiff.models.tiny import NUM_TIME_IDS, VAE_SCALING_FACTOR, build_tiny_sdxl, byte_level_vocab, main
+from layerdiff.models import base, tiny
+from layerdiff.models.tiny import (
+    NUM_TIME_IDS,
+    TINY_SDXL_VERSION,
+    VAE_SCALING_FACTOR,
+    build_tiny_sdxl,
+    byte_level_vocab,
+    main,
+)
 
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 CAPTION = "an emoji of a grinning face"
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+VAE_WEIGHTS = Path("vae") / "diffusion_pytorch_model.safetensors"
+CACHE_FOLDER = f"tiny-sdxl-v{TINY_SDXL_VERSION}"
 
 
 @pytest.fixture
@@ -30,6 +39,23 @@ def cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """An empty ``LAYERDIFF_CACHE`` for this test."""
     monkeypatch.setenv("LAYERDIFF_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def quick_vae_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Builds in this test fit the VAE for 2 steps instead of the full recipe (~15 s)."""
+    monkeypatch.setattr(tiny, "VAE_FIT_STEPS", 2)
+
+
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+
+
+def psnr(reconstruction: torch.Tensor, images: torch.Tensor) -> float:
+    """Mean PSNR over the batch, in dB, of [-1, 1] images measured in the [0, 1] range."""
+    mse = ((reconstruction - images) / 2).pow(2).flatten(1).mean(1)
+    return (-10 * torch.log10(mse)).mean().item()
 
 
 def test_sdxl_pipeline_loads_and_denoises(tiny_sdxl: Path) -> None:
@@ -42,6 +68,7 @@ def test_sdxl_pipeline_loads_and_denoises(tiny_sdxl: Path) -> None:
     assert images.min() >= 0 and images.max() <= 1
 
 
+@pytest.mark.usefixtures("quick_vae_fit")
 def test_resolve_builds_the_embedded_model_once(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
     builds = []
 
@@ -53,11 +80,25 @@ def test_resolve_builds_the_embedded_model_once(monkeypatch: pytest.MonkeyPatch,
     first = base.resolve_pretrained("embedded:tiny-sdxl")
     built_at = (Path(first) / UNET_WEIGHTS).stat().st_mtime_ns
     second = base.resolve_pretrained("embedded:tiny-sdxl")
-    assert first == second == str(cache / "tiny-sdxl")
-    assert builds == [cache / "tiny-sdxl"]
+    assert first == second == str(cache / CACHE_FOLDER)
+    assert builds == [cache / CACHE_FOLDER]
     assert (Path(second) / UNET_WEIGHTS).stat().st_mtime_ns == built_at
 
 
+def test_a_new_recipe_version_builds_a_new_folder(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
+    def fake_build(out_dir: Path) -> Path:
+        out_dir.mkdir(parents=True)
+        return out_dir
+
+    monkeypatch.setitem(base.EMBEDDED_MODELS, "tiny-sdxl", fake_build)
+    old = base.resolve_pretrained("embedded:tiny-sdxl")
+    monkeypatch.setitem(base.EMBEDDED_MODEL_VERSIONS, "tiny-sdxl", TINY_SDXL_VERSION + 1)
+    new = base.resolve_pretrained("embedded:tiny-sdxl")
+    assert Path(new) == cache / f"tiny-sdxl-v{TINY_SDXL_VERSION + 1}" and Path(new).is_dir()
+    assert sorted(path.name for path in cache.iterdir()) == sorted([Path(old).name, Path(new).name])
+
+
+@pytest.mark.usefixtures("quick_vae_fit")
 def test_resolve_uses_the_winners_folder_after_losing_a_build_race(
     monkeypatch: pytest.MonkeyPatch, cache: Path
 ) -> None:
@@ -68,7 +109,7 @@ def test_resolve_uses_the_winners_folder_after_losing_a_build_race(
     monkeypatch.setitem(base.EMBEDDED_MODELS, "tiny-sdxl", build_after_another_rank)
     folder = Path(base.resolve_pretrained("embedded:tiny-sdxl"))
     assert (folder / "model_index.json").is_file()
-    assert [path.name for path in cache.iterdir()] == ["tiny-sdxl"]  # the loser's staging folder is gone
+    assert [path.name for path in cache.iterdir()] == [CACHE_FOLDER]  # the loser's staging folder is gone
 
 
 def test_build_refuses_an_existing_folder(tiny_sdxl: Path) -> None:
@@ -86,16 +127,27 @@ def test_local_folders_and_hub_ids_resolve_to_themselves(tiny_sdxl: Path) -> Non
     assert base.resolve_pretrained(SDXL_HUB_ID) == SDXL_HUB_ID
 
 
+@pytest.mark.usefixtures("quick_vae_fit")
 def test_build_is_deterministic_per_seed_and_keeps_the_global_rng(tiny_sdxl: Path, tmp_path: Path) -> None:
     rng_before = torch.get_rng_state()
-    same_seed = load_file(build_tiny_sdxl(tmp_path / "seed0") / UNET_WEIGHTS)
-    other_seed = load_file(build_tiny_sdxl(tmp_path / "seed1", seed=1) / UNET_WEIGHTS)
+    threads_before = torch.get_num_threads()
+    first, again, other = (
+        build_tiny_sdxl(tmp_path / name, seed=seed) for name, seed in (("a", 0), ("b", 0), ("c", 1))
+    )
     assert torch.equal(torch.get_rng_state(), rng_before)
-    reference = load_file(tiny_sdxl / UNET_WEIGHTS)
-    assert all(torch.equal(reference[key], same_seed[key]) for key in reference)
-    assert not torch.equal(reference["conv_in.weight"], other_seed["conv_in.weight"])
+    assert torch.get_num_threads() == threads_before
+    unet, vae = load_file(first / UNET_WEIGHTS), load_file(first / VAE_WEIGHTS)
+    for weights, reference in ((UNET_WEIGHTS, unet), (VAE_WEIGHTS, vae)):  # the VAE fit included (2 steps)
+        same_seed = load_file(again / weights)
+        assert all(torch.equal(reference[key], same_seed[key]) for key in reference)
+    # The UNet does not depend on the VAE recipe: the full build has the same one.
+    full_build = load_file(tiny_sdxl / UNET_WEIGHTS)
+    assert all(torch.equal(full_build[key], unet[key]) for key in full_build)
+    assert not torch.equal(unet["conv_in.weight"], load_file(other / UNET_WEIGHTS)["conv_in.weight"])
+    assert not torch.equal(vae["decoder.conv_out.weight"], load_file(other / VAE_WEIGHTS)["decoder.conv_out.weight"])
 
 
+@pytest.mark.usefixtures("quick_vae_fit")
 def test_command_line_entry_builds_the_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(sys, "argv", ["layerdiff.models.tiny", str(tmp_path / "cli"), "--seed", "3"])
     main()
@@ -162,6 +214,42 @@ def test_vae_downsamples_by_8_with_the_sdxl_scaling_factor(tiny_sdxl: Path) -> N
         latents = vae.encode(torch.zeros(2, 3, 64, 64)).latent_dist.mode()
         decoded = vae.decode(latents).sample
     assert latents.shape == (2, 4, 8, 8) and decoded.shape == (2, 3, 64, 64)
+
+
+def test_vae_reconstructs_crops_of_a_photo_it_was_not_fitted_on(tiny_sdxl: Path) -> None:
+    vae = base.load_vae(str(tiny_sdxl))
+    photo = tiny.load_photo(tiny.VAE_HELD_OUT_PHOTO)
+    assert tiny.VAE_HELD_OUT_PHOTO not in tiny.VAE_FIT_PHOTOS
+    generator = torch.Generator().manual_seed(0)
+    crops = torch.stack([tiny.random_crop(photo, generator) for _ in range(16)])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        start = tiny.init_vae_as_area_codec(tiny.make_vae())
+    fitted = psnr(reconstruct(vae, crops), crops)
+    # ~18.0 dB here; 8x area-average + bilinear upsampling: 17.5 dB; the random VAE: 10.8 dB.
+    assert fitted >= 17.0
+    assert fitted >= psnr(reconstruct(start, crops), crops) + 0.3  # the fit improved on its start
+    with torch.no_grad():
+        latents = vae.encode(crops).latent_dist.mode() * vae.config.scaling_factor
+    assert 0.5 < latents.std().item() < 2.0  # SDXL's scaling factor makes the latents about unit-scale
+
+
+@pytest.mark.parametrize("colour", [(1.0, 0.85, 0.1), (0.85, 0.15, 0.15), (0.2, 0.4, 0.9)])
+def test_frozen_vae_decode_keeps_the_colour_of_a_premultiplied_emoji(
+    tiny_sdxl: Path, colour: tuple[float, float, float]
+) -> None:
+    # A face emoji premultiplied onto 50 % grey, as LayerDiffusion's frozen decoder sees it.
+    centre = torch.arange(64) + 0.5 - 32
+    y, x = torch.meshgrid(centre, centre, indexing="ij")
+    radius = torch.sqrt(x**2 + y**2)
+    alpha = (22 - radius).clamp(0, 1)
+    rgb = torch.tensor(colour).view(3, 1, 1).repeat(1, 64, 64)
+    rgb[:, (torch.sqrt((x.abs() - 7) ** 2 + (y + 5) ** 2) < 3)] = 0.1  # eyes
+    image = (rgb * 2 - 1) * alpha
+    decoded = (reconstruct(base.load_vae(str(tiny_sdxl)), image[None])[0] + 1) / 2
+    lower_face = (radius < 18) & (y > 2)
+    assert torch.allclose(decoded[:, lower_face].mean(1), torch.tensor(colour), atol=0.08)
+    assert torch.allclose(decoded[:, radius > 28].mean(1), torch.full((3,), 0.5), atol=0.04)
 
 
 def test_tokenizers_use_the_generated_vocabulary(tiny_sdxl: Path) -> None:

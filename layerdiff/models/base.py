@@ -25,7 +25,7 @@ from huggingface_hub.utils import EntryNotFoundError, get_session, validate_repo
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from layerdiff.models.tiny import build_tiny_sdxl
+from layerdiff.models.tiny import TINY_SDXL_VERSION, build_tiny_sdxl
 from layerdiff.paths import EMBEDDED_PREFIX, cache_dir, is_embedded
 
 Architecture = Literal["sdxl", "sd15"]
@@ -34,6 +34,9 @@ Loaded = TypeVar("Loaded")
 
 # Builders for ``embedded:<name>``; each writes a complete model folder atomically.
 EMBEDDED_MODELS: dict[str, Callable[[Path], Path]] = {"tiny-sdxl": build_tiny_sdxl}
+# Recipe version of each builder, part of its cache folder name: a changed recipe builds a
+# new folder instead of silently reusing the stale one.
+EMBEDDED_MODEL_VERSIONS: dict[str, int] = {"tiny-sdxl": TINY_SDXL_VERSION}
 DEFAULT_DEMO_RECIPE = "transparent_vae"
 HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -64,7 +67,7 @@ def resolve_pretrained(name_or_path: str) -> str:
 
 
 def ensure_embedded_model(name: str) -> Path:
-    """Return ``cache_dir() / name``, building it if missing.
+    """Return ``cache_dir() / "<name>-v<version>"``, building it if missing.
 
     Several processes (DDP ranks, SLURM tasks) may race here. Each builds into its own
     staging folder and renames it into place; the losers' renames fail with
@@ -74,7 +77,7 @@ def ensure_embedded_model(name: str) -> Path:
     if name not in EMBEDDED_MODELS:
         known = ", ".join(EMBEDDED_PREFIX + known_name for known_name in EMBEDDED_MODELS)
         raise ValueError(f"Unknown embedded model '{EMBEDDED_PREFIX}{name}'; known: {known}.")
-    folder = cache_dir() / name
+    folder = cache_dir() / f"{name}-v{EMBEDDED_MODEL_VERSIONS[name]}"
     if not folder.exists():
         try:
             EMBEDDED_MODELS[name](folder)
