@@ -228,6 +228,37 @@ def export_transparent_vae_checkpoint(
     """Extract encoder and decoder from a Lightning checkpoint into the released file format."""
     checkpoint_path = Path(checkpoint)
     contents = _read_checkpoint(checkpoint_path)
+    encoder, decoder = _transparency_models_from_checkpoint(contents, checkpoint_path)
+    hyperparameters = dict(contents.get("hyper_parameters", {}))
+    return save_transparent_vae(encoder, decoder, out_dir, metadata=hyperparameters, dtype=dtype)
+
+
+def load_transparency_models(source: str | PathLike) -> tuple[LatentTransparencyEncoder, TransparencyDecoder]:
+    """A trained encoder and decoder from an export folder (ours or the released files) or a
+    ``TransparentVAEModule`` checkpoint (``.ckpt`` file or sharded folder).
+
+    Decoder shape comes from the export's ``decoder_config`` metadata, or from the weights and
+    hyper-parameters of a checkpoint; the released files (no metadata) are the released shape.
+    """
+    path = Path(source)
+    if (path / ENCODER_FILENAME).is_file() or (path / DECODER_FILENAME).is_file():
+        decoder_path = path / DECODER_FILENAME
+        metadata = read_metadata(decoder_path) if decoder_path.is_file() else {}
+        decoder_config = json.loads(metadata["decoder_config"]) if "decoder_config" in metadata else RELEASED_DECODER_CONFIG
+        encoder, decoder = LatentTransparencyEncoder(), TransparencyDecoder(**decoder_config)
+        load_transparent_vae(encoder, decoder, path)
+        return encoder, decoder
+    if not path.exists():
+        raise FileNotFoundError(
+            f"transparent VAE not found: {path}. Give a folder with {ENCODER_FILENAME} and {DECODER_FILENAME} "
+            "(an export or the released LayerDiffuse files) or a TransparentVAEModule checkpoint."
+        )
+    return _transparency_models_from_checkpoint(_read_checkpoint(path), path)
+
+
+def _transparency_models_from_checkpoint(
+    contents: Mapping[str, Any], checkpoint_path: Path
+) -> tuple[LatentTransparencyEncoder, TransparencyDecoder]:
     state_dict = contents.get("state_dict", {})
     hyperparameters = dict(contents.get("hyper_parameters", {}))
     encoder_state = _submodule_state(state_dict, ENCODER_PREFIX)
@@ -237,7 +268,6 @@ def export_transparent_vae_checkpoint(
             f"{checkpoint_path}: no '{ENCODER_PREFIX}*' / '{DECODER_PREFIX}*' weights in the checkpoint's "
             "state_dict; is it a TransparentVAEModule checkpoint?"
         )
-
     decoder_config = {
         **infer_decoder_shape(decoder_state),
         "attention_head_dim": _find_hyperparameter(hyperparameters, "decoder_attention_head_dim")
@@ -249,7 +279,7 @@ def export_transparent_vae_checkpoint(
     decoder = TransparencyDecoder(**decoder_config)
     encoder.load_state_dict(encoder_state, strict=True)
     decoder.load_state_dict(decoder_state, strict=True)
-    return save_transparent_vae(encoder, decoder, out_dir, metadata=hyperparameters, dtype=dtype)
+    return encoder, decoder
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,14 +13,10 @@ from layerdiff import losses
 from layerdiff.metrics import MaskedPSNR
 from layerdiff.models.base import freeze, load_vae
 from layerdiff.models.discriminator import PatchDiscriminator
-from layerdiff.models.transparency import (
-    LatentTransparencyEncoder,
-    TransparencyDecoder,
-    decode_with_augmentation,
-)
+from layerdiff.models import codec
+from layerdiff.models.transparency import LatentTransparencyEncoder, TransparencyDecoder
 from layerdiff.modules.base import FrozenBaseModule
 from layerdiff.optim import OptimizerName, build_optimizer
-from layerdiff.rgba import premultiply_on_grey
 
 
 class TransparentVAEModule(FrozenBaseModule):
@@ -139,25 +135,16 @@ class TransparentVAEModule(FrozenBaseModule):
     # -- the model ---------------------------------------------------------------------
 
     def encode(self, rgb: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the frozen VAE's latent ``x`` and the adjusted latent ``x_a``."""
-        posterior = self.vae.encode(premultiply_on_grey(rgb, alpha)).latent_dist
-        offset = self.transparent_encoder(alpha, rgb)
-        return posterior.mean, posterior.mean + posterior.std * offset
+        """The frozen VAE's latent ``x`` and the adjusted latent ``x_a`` (unscaled)."""
+        return codec.encode_adjusted(self.vae, self.transparent_encoder, rgb, alpha)
 
     def decode_frozen(self, latent: torch.Tensor) -> torch.Tensor:
-        """``D*``: the frozen VAE's decode mapped to [0, 1] (not clipped, so gradients pass)."""
-        return self.vae.decode(latent).sample * 0.5 + 0.5
+        return codec.decode_pixels(self.vae, latent)
 
     def decode_transparent(
         self, frozen_decode: torch.Tensor, latent: torch.Tensor, augmentation: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``D``: alpha and straight colour from the frozen decode and the latent."""
-        pixel = frozen_decode.clamp(0.0, 1.0)
-        if augmentation:
-            output = decode_with_augmentation(self.transparent_decoder, pixel, latent)
-        else:
-            output = self.transparent_decoder(pixel, latent)
-        return output[:, :1], output[:, 1:]
+        return codec.decode_transparent(self.transparent_decoder, frozen_decode, latent, augmentation)
 
     def reconstruct(self, rgb: torch.Tensor, alpha: torch.Tensor, augmentation: bool = False) -> dict[str, torch.Tensor]:
         """Full encode-decode pass; the image-logging callback and validation use it."""

@@ -1,0 +1,73 @@
+"""The latent-transparency codec as plain functions of its parts (LayerDiffusion sec. 3.1).
+
+Every objective that touches transparent latents goes through these: the transparent VAE
+training, the latent diffusion training (on-the-fly encoding), the latent cache and
+generation. Latents come in two scales: the VAE's own ("unscaled", what the transparency
+decoder consumes) and the diffusion model's (``diffusion_latent``: shifted and scaled by the
+VAE config, what the UNet learns).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+from layerdiff.models.transparency import decode_with_augmentation
+from layerdiff.rgba import premultiply_on_grey
+
+
+def encode_adjusted(
+    vae: AutoencoderKL, transparent_encoder: nn.Module, rgb: torch.Tensor, alpha: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen VAE's latent ``x`` and the adjusted latent ``x_a`` (both unscaled).
+
+    ``x = mean(E*(I_p))`` with ``I_p`` premultiplied onto grey, and, as in the released code,
+    the offset takes the place of the Gaussian sample noise: ``x_a = x + std * E(a, rgb)``.
+    So ``x_a`` is deterministic, which is what makes caching it exact.
+    """
+    posterior = vae.encode(premultiply_on_grey(rgb, alpha)).latent_dist
+    offset = transparent_encoder(alpha, rgb)
+    return posterior.mean, posterior.mean + posterior.std * offset
+
+
+def decode_pixels(vae: AutoencoderKL, latent: torch.Tensor) -> torch.Tensor:
+    """``D*``: the frozen VAE's decode in [0, 1], not clipped (so gradients pass)."""
+    return vae.decode(latent).sample * 0.5 + 0.5
+
+
+def decode_transparent(
+    transparent_decoder: nn.Module, pixels: torch.Tensor, latent: torch.Tensor, augmentation: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``D``: alpha and straight colour from the frozen decode ``pixels`` and the latent.
+
+    ``augmentation`` is the released 8-way flip/rotation median (inference only).
+    """
+    pixels = pixels.clamp(0.0, 1.0)
+    if augmentation:
+        output = decode_with_augmentation(transparent_decoder, pixels, latent)
+    else:
+        output = transparent_decoder(pixels, latent)
+    return output[:, :1], output[:, 1:]
+
+
+def diffusion_latent(vae: AutoencoderKL, latent: torch.Tensor) -> torch.Tensor:
+    """VAE latent -> the scale the UNet is trained on: ``(x - shift) * scaling_factor``."""
+    shift = vae.config.get("shift_factor") or 0.0
+    return (latent - shift) * vae.config.scaling_factor
+
+
+def vae_latent(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``diffusion_latent``."""
+    shift = vae.config.get("shift_factor") or 0.0
+    return latents / vae.config.scaling_factor + shift
+
+
+@torch.no_grad()
+def decode_rgba(
+    vae: AutoencoderKL, transparent_decoder: nn.Module, latents: torch.Tensor, augmentation: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generated diffusion-scale latents -> ``(alpha, rgb)`` in [0, 1]: the generation decode."""
+    latent = vae_latent(vae, latents)
+    alpha, rgb = decode_transparent(transparent_decoder, decode_pixels(vae, latent), latent, augmentation)
+    return alpha.clamp(0.0, 1.0), rgb.clamp(0.0, 1.0)

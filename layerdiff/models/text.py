@@ -1,0 +1,67 @@
+"""Text conditioning of SD1.5 and SDXL UNets, as the diffusers pipelines compute it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from layerdiff.models.base import TextEncoders
+
+
+@dataclass
+class PromptEmbeddings:
+    """What the UNet's cross-attention (and, for SDXL, its added condition) receives.
+
+    ``hidden`` is ``[B, 77, D]``: SD1.5's last hidden state, or SDXL's two encoders'
+    penultimate hidden states concatenated (768 + 1280 = 2048 for real SDXL).
+    ``pooled`` is SDXL's projected pooled embedding of the second encoder ``[B, 1280]``,
+    ``None`` for SD1.5.
+    """
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def select(self, mask: torch.Tensor, replacement: PromptEmbeddings) -> PromptEmbeddings:
+        """Rows where ``mask`` is True taken from ``replacement`` (broadcast from one row)."""
+        hidden = torch.where(mask[:, None, None], replacement.hidden.expand_as(self.hidden), self.hidden)
+        pooled = None
+        if self.pooled is not None:
+            pooled = torch.where(mask[:, None], replacement.pooled.expand_as(self.pooled), self.pooled)
+        return PromptEmbeddings(hidden, pooled)
+
+
+@torch.no_grad()
+def encode_prompts(text_encoders: TextEncoders, prompts: list[str], device: torch.device | None = None) -> PromptEmbeddings:
+    """Tokenise (padded and truncated to each tokenizer's length) and encode ``prompts``.
+
+    SDXL (two encoders): concatenated penultimate hidden states plus the second encoder's
+    projected pooled output, as ``StableDiffusionXLPipeline.encode_prompt`` with
+    ``clip_skip=None``. SD1.5 (one encoder): the last hidden state.
+    """
+    sdxl = len(text_encoders.encoders) == 2
+    hidden_states, pooled = [], None
+    for tokenizer, encoder in zip(text_encoders.tokenizers, text_encoders.encoders):
+        token_ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device or encoder.device)
+        output = encoder(token_ids, output_hidden_states=sdxl)
+        if sdxl:
+            hidden_states.append(output.hidden_states[-2])
+            pooled = output[0]  # the last encoder's projected pooled embedding (text_embeds)
+        else:
+            hidden_states.append(output.last_hidden_state)
+    return PromptEmbeddings(torch.cat(hidden_states, dim=-1), pooled)
+
+
+def sdxl_time_ids(
+    original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: tuple[int, int] | torch.Tensor
+) -> torch.Tensor:
+    """SDXL micro-conditioning ``[B, 6]``: original (h, w), crop (top, left), target (h, w).
+
+    ``original_size`` and ``crop_top_left`` are ``[B, 2]`` from the shard metadata (the real
+    source size and the crop taken from its resized copy); ``target_size`` is the training size.
+    """
+    batch = original_size.shape[0]
+    target = torch.as_tensor(target_size, device=original_size.device).reshape(-1, 2).expand(batch, 2)
+    return torch.cat([original_size, crop_top_left, target], dim=1).to(torch.float32)
