@@ -32,3 +32,17 @@ def build_optimizer(
             raise ImportError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes") from error
         return bnb.optim.AdamW8bit(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay)
     raise ValueError(f"Unknown optimizer {name!r}; choose one of 'adamw', 'adamw8bit'.")
+
+
+LearningRateSchedule = Literal["constant", "linear", "cosine"]
+
+
+def build_lr_schedule(
+    optimizer: torch.optim.Optimizer, schedule: LearningRateSchedule, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then constant, linear decay or cosine decay to
+    zero at ``total_steps`` (diffusers' schedules, stepped once per optimizer step)."""
+    from diffusers.optimization import get_scheduler
+
+    name = "constant_with_warmup" if schedule == "constant" else schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1))

@@ -1,5 +1,6 @@
 """One thin LightningModule per training objective."""
 
+from layerdiff.modules.latent_diffusion import LatentDiffusionModule
 from layerdiff.modules.transparent_vae import TransparentVAEModule
 
-__all__ = ["TransparentVAEModule"]
+__all__ = ["LatentDiffusionModule", "TransparentVAEModule"]

@@ -1,0 +1,245 @@
+"""Diffusion on adjusted latents (LayerDiffusion sec. 3.2): fine-tune an SD1.5 / SDXL UNet,
+as a LoRA or fully, so that it generates in the latent-transparency space of a trained
+transparency encoder, and text goes in, a transparent image comes out."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from peft import LoraConfig
+
+from layerdiff import losses
+from layerdiff.export import load_transparency_models
+from layerdiff.models import codec
+from layerdiff.models.base import (
+    detect_architecture,
+    freeze,
+    load_scheduler,
+    load_text_encoders,
+    load_unet,
+    load_vae,
+)
+from layerdiff.models.text import PromptEmbeddings, encode_prompts, sdxl_time_ids
+from layerdiff.modules.base import FrozenBaseModule
+from layerdiff.optim import LearningRateSchedule, OptimizerName, build_lr_schedule, build_optimizer
+
+LORA_ADAPTER = "layerdiff"
+# The released SDXL transparent LoRA: the four projections of self- and cross-attention.
+RELEASED_LORA_TARGETS = (
+    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+)  # fmt: skip
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Seed of one data-parallel rank's noise generator: distinct, reproducible streams per
+    ``(seed, rank)`` (numpy's SeedSequence mixes them; ``seed + rank`` would make rank 1 of
+    seed 0 replay rank 0 of seed 1)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class LatentDiffusionModule(FrozenBaseModule):
+    """Trains the base UNet on adjusted latents ``x_a`` with LD eq. 7.
+
+    Batches come from ``data.ShardDataModule``: image batches (``rgb``, ``alpha``) are encoded
+    on the fly through the frozen VAE and the transparency encoder; cached batches
+    (``latent``, optionally ``prompt_hidden``/``prompt_pooled``) skip that. Both give the same
+    loss for the same seed.
+
+    Args:
+        transparent_vae: the trained transparency encoder/decoder: an export folder (ours or
+            the released LayerDiffuse files) or a ``TransparentVAEModule`` checkpoint.
+        base_model: diffusers model (hub id, local folder, or ``embedded:tiny-sdxl``), SDXL
+            or SD1.5; the architecture is read from its UNet config.
+        base_revision: hub revision of ``base_model``.
+        lora_rank: rank of the peft LoRA on ``lora_targets``; ``None`` fine-tunes the whole
+            UNet instead. The released model: rank 256 on the attention projections.
+        lora_alpha: LoRA scale numerator (scale = alpha / rank); defaults to the rank.
+        lora_targets: module-name suffixes the LoRA adapts.
+        prediction_type: ``epsilon`` or ``v_prediction``; ``None`` keeps the base model's.
+        min_snr_gamma: Min-SNR-gamma loss weighting (5 is the paper's value); ``None`` = off.
+        noise_offset: scale of per-channel offset noise added to the noise (0 = off).
+        caption_dropout: probability of training a sample on the empty caption, which
+            classifier-free guidance needs.
+        optimizer: ``adamw`` or bitsandbytes ``adamw8bit``.
+        learning_rate: peak learning rate (paper: 1e-5).
+        betas: Adam betas.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up steps.
+        lr_schedule: after warm-up: ``constant``, ``linear`` or ``cosine`` decay to zero at
+            the trainer's last step.
+        gradient_checkpointing: recompute UNet activations in backward to save memory.
+        seed: base seed of the noise/timestep/dropout generators; each data-parallel rank
+            derives its own from it and its rank.
+    """
+
+    frozen_prefixes = ("vae.", "transparent_encoder.", "transparent_decoder.", "text_encoder_modules.")
+
+    def __init__(
+        self,
+        transparent_vae: str,
+        base_model: str = "stabilityai/stable-diffusion-xl-base-1.0",
+        base_revision: str | None = None,
+        lora_rank: int | None = 256,
+        lora_alpha: float | None = None,
+        lora_targets: tuple[str, ...] = RELEASED_LORA_TARGETS,
+        prediction_type: Literal["epsilon", "v_prediction"] | None = None,
+        min_snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        caption_dropout: float = 0.1,
+        optimizer: OptimizerName = "adamw",
+        learning_rate: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 1e-2,
+        warmup_steps: int = 0,
+        lr_schedule: LearningRateSchedule = "constant",
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if lora_rank is not None and lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, or null for a full fine-tune; got {lora_rank}")
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout is a probability in [0, 1]; got {caption_dropout}")
+        self.save_hyperparameters()
+
+        demo_recipe = "latent_diffusion"
+        self.architecture = detect_architecture(base_model, revision=base_revision, demo_recipe=demo_recipe)
+        self.vae = freeze(load_vae(base_model, revision=base_revision, demo_recipe=demo_recipe))
+        encoder, decoder = load_transparency_models(transparent_vae)
+        self.transparent_encoder, self.transparent_decoder = freeze(encoder), freeze(decoder)
+        self.text_encoders = load_text_encoders(base_model, revision=base_revision, demo_recipe=demo_recipe)
+        self.text_encoder_modules = torch.nn.ModuleList(freeze(encoder) for encoder in self.text_encoders.encoders)
+        self.noise_scheduler = load_scheduler(base_model, revision=base_revision, demo_recipe=demo_recipe)
+        self.prediction_type = prediction_type or self.noise_scheduler.config.prediction_type
+
+        # from_pretrained returns eval mode, which Lightning keeps: the trained part is set to train.
+        self.unet = load_unet(base_model, revision=base_revision, demo_recipe=demo_recipe).train()
+        if lora_rank is not None:
+            self.unet.requires_grad_(False)
+            self.unet.add_adapter(
+                LoraConfig(
+                    r=lora_rank,
+                    lora_alpha=lora_alpha or lora_rank,
+                    target_modules=list(lora_targets),
+                    init_lora_weights="gaussian",
+                ),
+                adapter_name=LORA_ADAPTER,
+            )
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+
+        self.noise_generator = torch.Generator()
+        self._noise_generator_restored = False
+        self._empty_prompt: PromptEmbeddings | None = None
+
+    # -- conditioning and latents ------------------------------------------------------
+
+    def encode_prompts(self, captions: list[str]) -> PromptEmbeddings:
+        return encode_prompts(self.text_encoders, list(captions), self.device)
+
+    def _prompt_embeddings(self, batch: dict[str, Any], drop: torch.Tensor) -> PromptEmbeddings:
+        if "prompt_hidden" in batch:
+            prompts = PromptEmbeddings(batch["prompt_hidden"], batch.get("prompt_pooled"))
+        else:
+            prompts = self.encode_prompts(batch["caption"])
+        if not drop.any():
+            return prompts
+        if self._empty_prompt is None:
+            self._empty_prompt = self.encode_prompts([""])
+        return prompts.select(drop.to(prompts.hidden.device), self._empty_prompt)
+
+    @torch.no_grad()
+    def diffusion_latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The adjusted latents ``x_a`` on the UNet's scale: cached, or encoded now."""
+        if "latent" in batch:
+            return batch["latent"]
+        _, adjusted = codec.encode_adjusted(self.vae, self.transparent_encoder, batch["rgb"], batch["alpha"])
+        return codec.diffusion_latent(self.vae, adjusted)
+
+    def _added_conditions(self, batch: dict[str, Any], prompts: PromptEmbeddings, latents: torch.Tensor) -> dict | None:
+        if self.architecture != "sdxl":
+            return None
+        target_size = tuple(side * self.vae_scale_factor for side in latents.shape[-2:])
+        time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], target_size)
+        return {"text_embeds": prompts.pooled, "time_ids": time_ids.to(prompts.pooled.dtype)}
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # -- the objective -------------------------------------------------------------------
+
+    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """LD eq. 7 on one batch; every random draw comes from ``generator`` (on the CPU, so
+        a seed gives the same noise on any device), in a fixed order."""
+        latents = self.diffusion_latents(batch)
+        batch_size = latents.shape[0]
+        drop = torch.rand(batch_size, generator=generator) < self.hparams.caption_dropout
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        if self.hparams.noise_offset:
+            channel_offset = torch.randn(batch_size, latents.shape[1], 1, 1, generator=generator)
+            noise = noise + self.hparams.noise_offset * channel_offset
+        timesteps, noise = timesteps.to(latents.device), noise.to(latents.device, latents.dtype)
+
+        prompts = self._prompt_embeddings(batch, drop)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        prediction = self.unet(
+            noisy,
+            timesteps,
+            encoder_hidden_states=prompts.hidden,
+            added_cond_kwargs=self._added_conditions(batch, prompts, latents),
+        ).sample
+
+        weights = None
+        if self.hparams.min_snr_gamma is not None:
+            snr = losses.signal_to_noise_ratio(self.noise_scheduler.alphas_cumprod, timesteps)
+            weights = losses.min_snr_weights(snr, self.hparams.min_snr_gamma, self.prediction_type)
+        return {"loss": losses.diffusion_loss(prediction, target, weights)}
+
+    def on_fit_start(self) -> None:
+        if not self._noise_generator_restored:
+            self.noise_generator.manual_seed(rank_seed(self.hparams.seed, self.global_rank))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch, self.noise_generator)["loss"]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["caption"]))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        # The same timesteps and noise at every validation, so val/loss curves compare.
+        self._validation_generator = torch.Generator().manual_seed(rank_seed(self.hparams.seed + 1, self.global_rank))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch, self._validation_generator)["loss"]
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["caption"]), sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = build_optimizer(self.unet.parameters(), hp.optimizer, hp.learning_rate, tuple(hp.betas), hp.weight_decay)
+        schedule = build_lr_schedule(optimizer, hp.lr_schedule, hp.warmup_steps, self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- checkpoints: every rank's noise stream resumes where it stopped --------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # Every rank runs this hook; rank 0 writes the file, so it must carry all ranks' states.
+        state = self.noise_generator.get_state().to(self.device)
+        states = self.all_gather(state).reshape(self.trainer.world_size, -1)
+        checkpoint["noise_generator_states"] = states.cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("noise_generator_states")
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if states is not None and len(states) == world_size:
+            self.noise_generator.set_state(states[self.global_rank].clone())
+            self._noise_generator_restored = True
