@@ -1,4 +1,4 @@
-"""Command-line tools for layerdiff shards: ``python -m data {write,validate,demo} --help``."""
+"""Command-line tools for layerdiff shards: ``python -m data {write,validate,demo,cache-latents} --help``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ Tools for layerdiff's webdataset shards (schema: data/schema.py).
   write     convert a folder of RGBA PNGs (+ same-stem .txt captions) into shards
   validate  read every sample of some shards, check the schema, print statistics
   demo      build demo shards from OpenMoji emoji over scikit-image photos (offline)
+  cache-latents
+            turn image shards into cached shards (adjusted latents, optionally text
+            embeddings) that latent diffusion training reads without running the encoders
 """
 
 
@@ -67,6 +70,21 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_latents(args: argparse.Namespace) -> int:
+    import torch
+
+    from data.latent_cache import LatentCacheEncoder, cache_latents
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"loading {args.base_model} and the transparent VAE {args.transparent_vae} on {device}")
+    encoder = LatentCacheEncoder(
+        args.base_model, args.transparent_vae, text_embeddings=args.text_embeddings, dtype=args.dtype, device=device
+    )
+    report = cache_latents(args.shards, args.out_dir, encoder, batch_size=args.batch_size, progress=print)
+    print(report.summary(listed=args.list))
+    return 0 if report.samples else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,6 +134,36 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples-per-shard", type=int, default=250, help="samples per shard (default 250)")
     demo.add_argument("--workers", type=int, default=cores, help=f"processes (default: {cores}, the cores)")
     demo.set_defaults(run=_demo)
+
+    cache = commands.add_parser(
+        "cache-latents", help="cache adjusted latents (and text embeddings) of image shards",
+        description="For every image shard of SHARDS write a cached shard of the same name into OUT_DIR: per "
+        "sample its caption and metadata unchanged, the adjusted latent of LayerDiffusion sec. 3.1 at the UNet's "
+        "scale (latent.npy, [4, H/8, W/8]) and, with --text-embeddings, the prompt embeddings. Training reads "
+        "OUT_DIR like image shards (--data.init_args.train_shards OUT_DIR) and skips the encoders. Shards are "
+        "written atomically and finished shards are kept, so running the command again resumes it; "
+        "OUT_DIR/latent_cache.json records the settings, and other settings for the same OUT_DIR are refused. "
+        "Corrupt input members are skipped and counted.",
+    )
+    cache.add_argument("shards", metavar="SHARDS",
+                       help="image shards spec: a directory, .tar file, brace pattern, glob, comma-separated list, "
+                       "or embedded:openmoji-demo-64/train")
+    cache.add_argument("out_dir", metavar="OUT_DIR", help="folder for the cached shards and latent_cache.json")
+    cache.add_argument("--base-model", required=True,
+                       help="the base model training will use: Hub id, local diffusers folder or embedded:tiny-sdxl")
+    cache.add_argument("--transparent-vae", required=True,
+                       help="trained transparency encoder: export folder (vae_transparent_encoder.safetensors) or "
+                       "TransparentVAEModule checkpoint")
+    cache.add_argument("--text-embeddings", action="store_true",
+                       help="also store the captions' prompt embeddings (hidden states and, for SDXL, pooled); "
+                       "training then needs no text encoders but cannot change the captions")
+    cache.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                       help="stored precision (default float32, exact; float16 halves the size). Computation "
+                       "is always float32")
+    cache.add_argument("--batch-size", type=int, default=8, help="images encoded at once (default 8)")
+    cache.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    cache.add_argument("--list", type=int, default=20, help="corrupt members listed at the end (default 20)")
+    cache.set_defaults(run=_cache_latents)
     return parser
 
 

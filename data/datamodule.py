@@ -7,8 +7,10 @@ The pipeline in each DataLoader worker, top to bottom:
    seeded draw with replacement. When there are fewer shards than consumers the
    samples are split instead, so small validation sets still work on many GPUs;
 2. shuffle the still-encoded samples in a buffer (cheap: PNG bytes, not pixels);
-3. decode (``data.schema.decode_sample``); corrupt members are skipped and counted,
-   schema mismatches stop training;
+3. decode (``data.schema.decode_sample``, or ``decode_cached_sample`` for shards
+   written by ``python -m data cache-latents``); corrupt members are skipped and
+   counted, schema mismatches (a sample of another kind than the first one included)
+   stop training;
 4. group samples by image size and emit a batch whenever a size has
    ``batch_size`` samples, so aspect buckets never mix in a batch.
 
@@ -23,9 +25,9 @@ from __future__ import annotations
 import itertools
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import numpy as np
@@ -33,7 +35,18 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from data.schema import CorruptMemberError, LayerSample, decode_sample
+from data.schema import (
+    IMAGE_KIND,
+    CachedSample,
+    CorruptMemberError,
+    LayerSample,
+    SampleKind,
+    SchemaError,
+    decode_cached_sample,
+    decode_sample,
+    kind_mismatch,
+    sample_kind,
+)
 from data.shards import ShardSpecError, iter_shard_samples, resolve_shards
 
 log = logging.getLogger(__name__)
@@ -44,6 +57,8 @@ WARN_FIRST_CORRUPT = 5
 # The corrupt fraction is judged only after this many samples, so one bad file
 # early in a stream does not stop training; the end of a stream is always judged.
 MIN_SAMPLES_FOR_CORRUPT_CHECK = 100
+
+Item = TypeVar("Item")
 
 
 class TooManyCorruptMembersError(RuntimeError):
@@ -81,8 +96,39 @@ class _CorruptTracker:
         return pending
 
 
+def detect_sample_kind(shards: list[str]) -> SampleKind:
+    """The kind of the first sample the shards hold (image samples when none can be read).
+
+    Reads one sample's member names; every stream compares its samples with this kind.
+    """
+    samples = iter_shard_samples(shards, lambda error: None)
+    try:
+        return sample_kind(next(samples, {}))
+    finally:
+        samples.close()  # closes the shard file now
+
+
+def batches_by_size(
+    items: Iterable[Item], batch_size: int, size: Callable[[Item], tuple[int, int]]
+) -> Iterator[list[Item]]:
+    """Group ``items`` by ``size(item)``; a group is emitted when it holds ``batch_size``
+    items, the rest at the end (smallest size first). Order within a group is kept."""
+    buckets: dict[tuple[int, int], list[Item]] = {}
+    for item in items:
+        bucket = buckets.setdefault(size(item), [])
+        bucket.append(item)
+        if len(bucket) == batch_size:
+            yield buckets.pop(size(item))
+    for remaining in sorted(buckets):
+        yield buckets[remaining]
+
+
 class ShardStream(IterableDataset):
-    """The per-worker pipeline of the module docstring; yields batch dicts with uint8 images."""
+    """The per-worker pipeline of the module docstring; yields batch dicts with uint8 images.
+
+    ``kind`` is the kind of sample every sample must be; by default that of the first sample
+    of ``shards`` (``detect_sample_kind``).
+    """
 
     def __init__(
         self,
@@ -97,6 +143,7 @@ class ShardStream(IterableDataset):
         rank: int,
         world_size: int,
         max_corrupt_fraction: float,
+        kind: SampleKind | None = None,
     ):
         self.shards = list(shards)
         self.batch_size = batch_size
@@ -108,6 +155,13 @@ class ShardStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.max_corrupt_fraction = max_corrupt_fraction
+        self.kind = kind if kind is not None else detect_sample_kind(self.shards)
+        if self.kind.cached and require_layers:
+            raise SchemaError(
+                f"require_layers is true, but {self.shards[0]} holds samples of kind {self.kind}, which have "
+                "no layers. "
+                "Fix: pass `require_layers: false`, or train this objective on image shards."
+            )
         self.epoch = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -119,23 +173,29 @@ class ShardStream(IterableDataset):
         if self.shuffle and self.shuffle_buffer > 1:
             rng = np.random.default_rng([self.seed, self.epoch, consumer, 1])
             members = _shuffled(members, self.shuffle_buffer, rng)
-        buckets: dict[tuple[int, int], list[LayerSample]] = {}
+        samples = self._decoded(members, tracker)
+        for batch in batches_by_size(samples, self.batch_size, lambda sample: sample.size):
+            yield self._collate(batch, tracker)
+        tracker.check()
+
+    def _decoded(
+        self, members: Iterator[dict[str, Any]], tracker: _CorruptTracker
+    ) -> Iterator[LayerSample | CachedSample]:
         for sample_members in members:
             tracker.seen += 1
+            if sample_kind(sample_members) != self.kind:
+                raise kind_mismatch(sample_members, self.kind, f"the first sample of {self.shards[0]}")
             try:
-                sample = decode_sample(
-                    sample_members, decode_layers=self.require_layers, require_layers=self.require_layers
-                )
+                if self.kind.cached:
+                    sample = decode_cached_sample(sample_members)
+                else:
+                    sample = decode_sample(
+                        sample_members, decode_layers=self.require_layers, require_layers=self.require_layers
+                    )
             except CorruptMemberError as error:
                 tracker.record(error)
                 continue
-            bucket = buckets.setdefault(sample.size, [])
-            bucket.append(sample)
-            if len(bucket) == self.batch_size:
-                yield self._collate(buckets.pop(sample.size), tracker)
-        for size in sorted(buckets):
-            yield self._collate(buckets[size], tracker)
-        tracker.check()
+            yield sample
 
     def _assigned_members(self, consumer: int, consumers: int, tracker: _CorruptTracker) -> Iterator[dict[str, Any]]:
         def shard_damaged(error: CorruptMemberError) -> None:
@@ -159,16 +219,23 @@ class ShardStream(IterableDataset):
             if index % consumers == consumer:
                 yield members
 
-    def _collate(self, samples: list[LayerSample], tracker: _CorruptTracker) -> dict[str, Any]:
-        foreground = _channels_first([sample.foreground for sample in samples])
+    def _collate(self, samples: list[LayerSample] | list[CachedSample], tracker: _CorruptTracker) -> dict[str, Any]:
         batch: dict[str, Any] = {
-            "rgb": foreground[:, :3],
-            "alpha": foreground[:, 3:],
             "caption": [sample.caption for sample in samples],
             "key": [sample.key for sample in samples],
             "original_size": torch.tensor([sample.original_size for sample in samples], dtype=torch.int64),
             "crop_top_left": torch.tensor([sample.crop_top_left for sample in samples], dtype=torch.int64),
         }
+        if self.kind.cached:
+            # Each cached field is present in every sample of this kind (checked in _decoded).
+            for name, arrays in (("latent", [sample.latent for sample in samples]),
+                                 ("prompt_hidden", [sample.prompt_hidden for sample in samples]),
+                                 ("prompt_pooled", [sample.prompt_pooled for sample in samples])):
+                if arrays[0] is not None:
+                    batch[name] = _stacked(arrays).float()
+        else:
+            foreground = _channels_first([sample.foreground for sample in samples])
+            batch["rgb"], batch["alpha"] = foreground[:, :3], foreground[:, 3:]
         if self.require_layers:
             batch["background"] = _channels_first([sample.background for sample in samples])
             batch["blend"] = _channels_first([sample.blend for sample in samples])
@@ -194,18 +261,23 @@ def _shuffled(items: Iterator[Any], buffer_size: int, rng: np.random.Generator) 
 
 
 def _channels_first(images: list[np.ndarray]) -> torch.Tensor:
-    """uint8 ``H x W x C`` images to one ``B x C x H x W`` tensor.
+    """uint8 ``H x W x C`` images to one contiguous ``B x C x H x W`` tensor."""
+    return _stacked([image.transpose(2, 0, 1) for image in images])
+
+
+def _stacked(arrays: list[np.ndarray]) -> torch.Tensor:
+    """Arrays of one shape to one contiguous tensor ``[B, ...]``.
 
     Inside a worker, default_collate stacks straight into shared memory, which saves a
     copy on the way to the training process. In the training process itself numpy
     does it: torch's thread team ran this copy 3x slower on a busy 2-core machine.
     """
     if get_worker_info() is None:
-        return torch.from_numpy(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)))
+        return torch.from_numpy(np.stack(arrays))
     with warnings.catch_warnings():
         # Pillow's arrays are read-only; torch warns about wrapping them, but they are only read.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return default_collate([torch.from_numpy(image).permute(2, 0, 1) for image in images])
+        return default_collate([torch.from_numpy(array) for array in arrays])
 
 
 def to_unit_float(batch: dict[str, Any], *, pin_memory: bool = False) -> dict[str, Any]:
@@ -268,6 +340,12 @@ class ShardDataModule(pl.LightningDataModule):
     batch have one size. Loader batches also carry ``corrupt_members`` (their
     descriptions), which ``on_before_batch_transfer`` removes and logs.
 
+    Shards written by ``python -m data cache-latents`` give the same batches with
+    ``latent`` float32 ``[B, 4, H/8, W/8]`` (the adjusted latent at the UNet's scale)
+    instead of ``rgb`` and ``alpha``, plus ``prompt_hidden`` ``[B, 77, D]`` and
+    ``prompt_pooled`` ``[B, P]`` when the cache holds text embeddings. The kind is read
+    off the first sample; training and validation shards must be of one kind.
+
     Args:
         train_shards: Shards spec for training: a directory of ``*.tar``, a brace
             pattern ``dir/shard-{000000..000009}.tar``, a glob, a file, a
@@ -329,6 +407,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.max_corrupt_fraction = max_corrupt_fraction
         self._train_urls: list[str] | None = None
         self._val_urls: list[str] | None = None
+        self._train_kind = self._val_kind = IMAGE_KIND
         self._train_loader: _EpochDataLoader | None = None
         self._next_epoch = 0
         self._corrupt_skipped = 0
@@ -346,12 +425,21 @@ class ShardDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._train_urls = resolve_shards(self.train_shards)
+        self._train_kind = detect_sample_kind(self._train_urls)
         self._val_urls = resolve_shards(self.val_shards) if self.val_shards else None
+        if self._val_urls is not None:
+            self._val_kind = detect_sample_kind(self._val_urls)
+            if self._val_kind != self._train_kind:
+                raise SchemaError(
+                    f"train_shards {self.train_shards!r} hold samples of kind {self._train_kind} but val_shards "
+                    f"{self.val_shards!r} of kind {self._val_kind}; one run reads one kind. Fix: cache both splits "
+                    "with one `python -m data cache-latents` setting, or give image shards for both."
+                )
 
     def train_dataloader(self) -> DataLoader:
         if self._train_urls is None:
             self.setup("fit")
-        stream = self._stream(self._train_urls, self.batch_size, training=True)
+        stream = self._stream(self._train_urls, self._train_kind, self.batch_size, training=True)
         self._train_loader = _EpochDataLoader(
             stream, first_epoch=self._next_epoch, num_workers=self.num_workers, pin_memory=torch.cuda.is_available()
         )
@@ -362,7 +450,7 @@ class ShardDataModule(pl.LightningDataModule):
             return []
         if self._val_urls is None:
             self.setup("validate")
-        stream = self._stream(self._val_urls, self.val_batch_size, training=False)
+        stream = self._stream(self._val_urls, self._val_kind, self.val_batch_size, training=False)
         return _EpochDataLoader(
             stream, first_epoch=0, num_workers=self.num_workers, pin_memory=torch.cuda.is_available()
         )
@@ -391,7 +479,7 @@ class ShardDataModule(pl.LightningDataModule):
         if self._train_loader is not None:
             self._train_loader.epoch = self._next_epoch
 
-    def _stream(self, urls: list[str], batch_size: int, *, training: bool) -> ShardStream:
+    def _stream(self, urls: list[str], kind: SampleKind, batch_size: int, *, training: bool) -> ShardStream:
         rank, world_size = self._rank_and_world_size()
         return ShardStream(
             urls,
@@ -404,6 +492,7 @@ class ShardDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world_size,
             max_corrupt_fraction=self.max_corrupt_fraction,
+            kind=kind,
         )
 
     def _rank_and_world_size(self) -> tuple[int, int]:

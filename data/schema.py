@@ -31,9 +31,29 @@ keep them to ``[A-Za-z0-9_-]``. One sample per key, with these fields:
     size of ``fg.png`` and the blend, i.e. ``fg.png`` composited over ``bg.png``.
 ``bg.txt``, ``blend.txt`` (optional)
     Captions of the background and of the blended image; empty when absent.
-``latent.*`` (reserved)
-    Reserved for cached VAE latents, e.g. ``latent.sdxl-vae.npy``. Not written
-    yet; readers ignore every field they do not know.
+Readers ignore every field they do not know.
+
+**Cached samples** (``python -m data cache-latents``, ``data/latent_cache.py``) replace
+the pixels by what the diffusion objectives compute from them, so training skips the
+frozen VAE, the transparency encoder and, optionally, the text encoders. One cached shard
+per image shard, with the same keys, and these fields:
+
+``txt``, ``json`` (required)
+    Copied unchanged from the image sample: ``width`` and ``height`` are still the pixel
+    size the latent was encoded from (SDXL's target size), and the provenance, license
+    and attribution travel with the sample.
+``latent.npy`` (required)
+    The adjusted latent ``x_a`` (LayerDiffusion sec. 3.1) at the UNet's scale
+    (``layerdiff.models.codec.diffusion_latent``): a ``.npy`` array ``[4, H/8, W/8]``,
+    float32 or float16. No ``fg.png``: a sample with both is an image sample.
+``prompt_hidden.npy``, ``prompt_pooled.npy`` (optional, from ``--text-embeddings``)
+    The caption's ``PromptEmbeddings`` (``layerdiff.models.text``): hidden states
+    ``[77, D]`` and, for SDXL, the pooled embedding ``[P]``, in the latent's dtype.
+
+The *kind* of a sample (``sample_kind``) is ``image`` or the set of cached fields it has;
+one stream (and one run: training and validation) reads one kind, since a batch cannot
+mix them and the objective must know which path it is on. Which base model, transparent
+VAE and dtype made a cache is recorded in ``latent_cache.json`` beside its shards.
 
 Errors are of two kinds. A *corrupt member* (PNG bytes that do not decode, a
 truncated file, invalid JSON or UTF-8) is damage to one sample: readers skip it
@@ -44,7 +64,8 @@ stop with a ``SchemaError`` that names the shard, the key, the field and the fix
 
 ``encode_sample`` turns a ``LayerSample`` into the member dict a shard stores;
 ``decode_sample`` turns such a dict, as webdataset yields it, back into a
-``LayerSample``.
+``LayerSample``. For cached samples ``encode_cached_sample`` and
+``decode_cached_sample`` do the same with a ``CachedSample``.
 """
 
 from __future__ import annotations
@@ -70,12 +91,16 @@ BACKGROUND = "bg.png"
 BLEND = "blend.png"
 BACKGROUND_CAPTION = "bg.txt"
 BLEND_CAPTION = "blend.txt"
-LATENT_PREFIX = "latent."
+LATENT = "latent.npy"
+PROMPT_HIDDEN = "prompt_hidden.npy"
+PROMPT_POOLED = "prompt_pooled.npy"
+CACHED_FIELDS = (LATENT, PROMPT_HIDDEN, PROMPT_POOLED)
 
 REQUIRED_METADATA = ("width", "height", "original_size", "crop_top_left")
 _SAMPLE_METADATA = REQUIRED_METADATA + ("alpha_coverage", "source", "license", "attribution")
 
 REWRITE_HINT = "re-write the shards with `python -m data write SRC_DIR OUT_DIR ...`"
+RECACHE_HINT = "re-cache the image shards with `python -m data cache-latents SHARDS OUT_DIR ...` into an empty OUT_DIR"
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -136,6 +161,72 @@ class LayerSample:
     def has_layers(self) -> bool:
         """Whether background and blend are present."""
         return self.background is not None and self.blend is not None
+
+
+@dataclass
+class CachedSample:
+    """One cached sample in memory (see the module docstring).
+
+    Arrays keep their stored dtype (float32 or float16); the loader converts whole
+    batches to float32. ``size`` is the ``(height, width)`` in pixels of the image the
+    latent was encoded from.
+    """
+
+    key: str
+    latent: np.ndarray
+    caption: str
+    size: tuple[int, int]
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    prompt_hidden: np.ndarray | None = None
+    prompt_pooled: np.ndarray | None = None
+    url: str | None = None
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays present, by field name (``latent.npy``, ...)."""
+        arrays = {LATENT: self.latent, PROMPT_HIDDEN: self.prompt_hidden, PROMPT_POOLED: self.prompt_pooled}
+        return {name: array for name, array in arrays.items() if array is not None}
+
+
+@dataclass(frozen=True)
+class SampleKind:
+    """What a sample holds: pixels (no ``cached_fields``) or which cached fields."""
+
+    cached_fields: tuple[str, ...] = ()
+
+    @property
+    def cached(self) -> bool:
+        return bool(self.cached_fields)
+
+    def __str__(self) -> str:
+        return f"cached ({', '.join(self.cached_fields)})" if self.cached else f"image ({FOREGROUND})"
+
+
+IMAGE_KIND = SampleKind()
+
+
+def sample_kind(members: Mapping[str, Any]) -> SampleKind:
+    """The kind of one sample's member dict, from its field names alone (nothing is decoded).
+
+    A sample with ``fg.png`` is an image sample even if it also has a latent, and so is one
+    with neither (``decode_sample`` then reports the missing ``fg.png``).
+    """
+    if FOREGROUND in members or LATENT not in members:
+        return IMAGE_KIND
+    return SampleKind(tuple(name for name in CACHED_FIELDS if name in members))
+
+
+def kind_mismatch(members: Mapping[str, Any], expected: SampleKind, expected_from: str) -> SchemaError:
+    """The error for a sample whose kind differs from the ``expected`` kind set by ``expected_from``."""
+    found = sample_kind(members)
+    differing = sorted(set(found.cached_fields) ^ set(expected.cached_fields))
+    return schema_error(
+        members.get("__url__"), members.get("__key__"), differing[0] if found.cached else FOREGROUND,
+        f"sample kind {found}, but {expected_from} is of kind {expected}; one run reads one kind",
+        "give only image shards or only shards cached by one `python -m data cache-latents` run "
+        "(same options), for training and validation alike",
+    )
 
 
 def prepare_foreground(rgba: np.ndarray) -> np.ndarray:
@@ -250,6 +341,80 @@ def decode_sample(
         sample.background_caption = _decode_text(members, BACKGROUND_CAPTION, url, key, default="")
         sample.blend_caption = _decode_text(members, BLEND_CAPTION, url, key, default="")
     return sample
+
+
+def encode_cached_sample(
+    image_members: Mapping[str, Any],
+    latent: np.ndarray,
+    prompt_hidden: np.ndarray | None = None,
+    prompt_pooled: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """The member dict of the cached sample made from an image sample's members.
+
+    Key, ``txt`` and ``json`` are kept byte for byte; the arrays are stored as ``.npy``
+    in their own dtype.
+    """
+    if prompt_pooled is not None and prompt_hidden is None:
+        raise ValueError(f"{image_members['__key__']}: prompt_pooled comes with prompt_hidden")
+    members = {name: image_members[name] for name in ("__key__", CAPTION, METADATA)}
+    for name, array in ((LATENT, latent), (PROMPT_HIDDEN, prompt_hidden), (PROMPT_POOLED, prompt_pooled)):
+        if array is not None:
+            buffer = io.BytesIO()
+            np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+            members[name] = buffer.getvalue()
+    return members
+
+
+def decode_cached_sample(members: Mapping[str, Any]) -> CachedSample:
+    """Decode the member dict of one cached sample to a ``CachedSample``.
+
+    Raises ``SchemaError`` for schema mismatches (a missing field, arrays of the wrong
+    rank, a latent that does not fit the image size) and ``CorruptMemberError`` for
+    undecodable bytes.
+    """
+    url, key = members.get("__url__"), members.get("__key__")
+    for name in (LATENT, CAPTION, METADATA):
+        if name not in members:
+            present = ", ".join(_field_names(members)) or "nothing"
+            raise schema_error(url, key, name, f"required field missing (the sample has {present})", RECACHE_HINT)
+    metadata = _decode_metadata(members, url, key)
+    height, width = metadata["height"], metadata["width"]
+    latent = _decode_array(members, LATENT, 3, url, key)
+    _, latent_height, latent_width = latent.shape
+    factor = height // latent_height if latent_height else 0
+    if not factor or (latent_height * factor, latent_width * factor) != (height, width):
+        raise schema_error(
+            url, key, LATENT,
+            f"latent {list(latent.shape)} does not fit the {width}x{height} image (one downscale factor for "
+            "both sides)", RECACHE_HINT,
+        )
+    prompt_hidden = _decode_array(members, PROMPT_HIDDEN, 2, url, key) if PROMPT_HIDDEN in members else None
+    prompt_pooled = _decode_array(members, PROMPT_POOLED, 1, url, key) if PROMPT_POOLED in members else None
+    if prompt_pooled is not None and prompt_hidden is None:
+        raise schema_error(url, key, PROMPT_POOLED, f"present without {PROMPT_HIDDEN}", RECACHE_HINT)
+    return CachedSample(
+        key=key,
+        latent=latent,
+        caption=_decode_text(members, CAPTION, url, key),
+        size=(height, width),
+        original_size=_pair(metadata, "original_size", url, key),
+        crop_top_left=_pair(metadata, "crop_top_left", url, key),
+        prompt_hidden=prompt_hidden,
+        prompt_pooled=prompt_pooled,
+        url=url,
+    )
+
+
+def _decode_array(members: Mapping[str, Any], name: str, rank: int, url: str | None, key: str | None) -> np.ndarray:
+    # As for PNGs: whatever np.load raises on these bytes (ValueError, EOFError, OSError, ...) is damage.
+    try:
+        array = np.load(io.BytesIO(members[name]), allow_pickle=False)
+    except Exception as error:  # noqa: BLE001 - see the comment above
+        raise corrupt_member(url, key, name, f"not a .npy array: {type(error).__name__}: {error}") from error
+    if array.ndim != rank or array.dtype.kind != "f":
+        problem = f"must be a {rank}-D float array, got {array.ndim}-D {array.dtype} {list(array.shape)}"
+        raise schema_error(url, key, name, problem, RECACHE_HINT)
+    return array
 
 
 def _encode_image(image: np.ndarray) -> bytes:

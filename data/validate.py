@@ -1,4 +1,8 @@
-"""Read every sample of a set of shards, check it against the schema, summarise what is there."""
+"""Read every sample of a set of shards, check it against the schema, summarise what is there.
+
+Image shards and cached shards (``python -m data cache-latents``) alike; the kind of the
+first sample is the kind every other sample must have, as in training.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data.schema import CorruptMemberError, SchemaError, alpha_coverage, decode_sample
+from data.schema import (
+    CorruptMemberError,
+    SampleKind,
+    SchemaError,
+    alpha_coverage,
+    decode_cached_sample,
+    decode_sample,
+    kind_mismatch,
+    sample_kind,
+)
 from data.shards import iter_shard_samples
 
 COVERAGE_BINS = 10
@@ -21,9 +34,11 @@ class ValidationReport:
 
     shards: Counter = field(default_factory=Counter)
     sizes: Counter = field(default_factory=Counter)
-    coverages: list[float] = field(default_factory=list)
+    coverages: list[float] = field(default_factory=list)  # image samples only
     caption_lengths: list[int] = field(default_factory=list)
     with_layers: int = 0
+    kind: SampleKind | None = None  # that of the first sample
+    cached_arrays: Counter = field(default_factory=Counter)  # "latent.npy 4x8x8 float16" -> samples
     duplicate_keys: list[str] = field(default_factory=list)
     not_transparent: list[str] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)
@@ -31,7 +46,7 @@ class ValidationReport:
 
     @property
     def samples(self) -> int:
-        return len(self.coverages)
+        return len(self.caption_lengths)
 
     @property
     def ok(self) -> bool:
@@ -43,6 +58,8 @@ class ValidationReport:
         empty = [url for url, count in self.shards.items() if count == 0]
         if empty:
             lines.append(f"  {len(empty)} shard(s) hold no samples, e.g. {empty[0]}")
+        if self.kind is not None:
+            lines.append(f"kind: {self.kind}")
         lines += ["", "image sizes (WxH):"] + _histogram_lines(sorted(self.sizes.items()))
         if self.coverages:
             edges = np.linspace(0.0, 1.0, COVERAGE_BINS + 1)
@@ -50,13 +67,17 @@ class ValidationReport:
             labels = [f"{low:.1f}-{high:.1f}" for low, high in zip(edges[:-1], edges[1:])]
             lines += ["", "alpha coverage (fraction of pixels with alpha > 0):"]
             lines += _histogram_lines(list(zip(labels, counts.tolist())))
+        if self.cached_arrays:
+            lines += ["", "cached arrays (field shape dtype):"] + _histogram_lines(sorted(self.cached_arrays.items()))
+        if self.caption_lengths:
             lengths = self.caption_lengths
             lines += [
                 "",
                 f"caption length (characters): min {min(lengths)}, median {statistics.median(lengths):g}, "
                 f"mean {statistics.fmean(lengths):.1f}, max {max(lengths)}; empty: {lengths.count(0)}",
-                f"multi-layer samples (bg.png + blend.png): {self.with_layers} of {self.samples}",
             ]
+        if self.coverages:
+            lines.append(f"multi-layer samples (bg.png + blend.png): {self.with_layers} of {self.samples}")
         lines += _problem_lines("duplicate keys (warning)", self.duplicate_keys, listed)
         lines += _problem_lines(
             "samples without a transparent or a visible pixel (warning)", self.not_transparent, listed
@@ -79,8 +100,15 @@ def validate_shards(urls: list[str]) -> ValidationReport:
         if key in seen_keys:
             report.duplicate_keys.append(f"{key} (again in {url})")
         seen_keys.add(key)
+        if report.kind is None:
+            report.kind, first_url = sample_kind(members), url
         try:
-            sample = decode_sample(members, decode_layers=True)
+            if sample_kind(members) != report.kind:
+                raise kind_mismatch(members, report.kind, f"the first sample (of {first_url})")
+            if report.kind.cached:
+                sample = decode_cached_sample(members)
+            else:
+                sample = decode_sample(members, decode_layers=True)
         except CorruptMemberError as error:
             report.corrupt.append(str(error))
             continue
@@ -89,8 +117,12 @@ def validate_shards(urls: list[str]) -> ValidationReport:
             continue
         report.shards[url] += 1
         report.sizes[f"{sample.size[1]}x{sample.size[0]}"] += 1
-        report.coverages.append(alpha_coverage(sample.foreground))
         report.caption_lengths.append(len(sample.caption))
+        if report.kind.cached:
+            for name, array in sample.arrays.items():
+                report.cached_arrays[f"{name} {'x'.join(map(str, array.shape))} {array.dtype}"] += 1
+            continue
+        report.coverages.append(alpha_coverage(sample.foreground))
         report.with_layers += sample.has_layers
         alpha = sample.foreground[..., 3]
         if alpha.min() == 255 or alpha.max() == 0:
