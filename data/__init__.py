@@ -11,6 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "ShardDataModule": "data.datamodule",
+    "PromptDataModule": "data.prompts",
     "SchemaError": "data.schema",
     "CorruptMemberError": "data.schema",
     "ShardSpecError": "data.shards",

@@ -1,0 +1,107 @@
+"""Prompts for ``train.py predict``: the images to generate, as a DataModule.
+
+Each image is one ``PromptRequest`` (its place in the run, prompt and seed); batches carry
+the shared ``GenerationSettings`` along. In ``predict``, Lightning gives every device its own
+share of the requests (a distributed sampler that repeats none), so a run's images are made
+once each however many devices there are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from layerdiff.pipelines import GenerationSettings, PromptBatch
+
+
+@dataclass
+class PromptRequest:
+    """One image to generate: ``index`` is its position in the run (file names follow it)."""
+
+    index: int
+    prompt: str
+    seed: int
+
+
+class CollatePrompts:
+    """DataLoader ``collate_fn``: requests -> ``PromptBatch`` (a class, so workers can pickle it)."""
+
+    def __init__(self, settings: GenerationSettings) -> None:
+        self.settings = settings
+
+    def __call__(self, requests: list[PromptRequest]) -> PromptBatch:
+        return PromptBatch(
+            indices=[request.index for request in requests],
+            prompts=[request.prompt for request in requests],
+            seeds=[request.seed for request in requests],
+            settings=self.settings,
+        )
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines are skipped, surrounding whitespace is dropped."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Prompt file {path} does not exist (working directory {Path.cwd()}). Give a text file with one "
+            "prompt per line in data.init_args.prompt_file, or list prompts in data.init_args.prompts."
+        )
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class PromptDataModule(LightningDataModule):
+    """The prompts, seeds and settings of a generation run.
+
+    Every prompt is generated once per seed: with ``seeds`` given, with each of them (the
+    same seeds for every prompt, so prompts compare at equal noise); otherwise
+    ``images_per_prompt`` times with seeds counting up from ``seed``, every image its own.
+
+    Args:
+        prompts: prompts to generate.
+        prompt_file: a text file with one prompt per line, used after ``prompts``.
+        seeds: the seeds every prompt is generated with.
+        seed: first seed when ``seeds`` is not given.
+        images_per_prompt: images per prompt when ``seeds`` is not given.
+        settings: size, steps, guidance scale, negative prompt and sampler of every image.
+        batch_size: images generated together on one device.
+    """
+
+    def __init__(
+        self,
+        prompts: list[str] | None = None,
+        prompt_file: str | None = None,
+        seeds: list[int] | None = None,
+        seed: int = 0,
+        images_per_prompt: int = 1,
+        settings: GenerationSettings = GenerationSettings(),
+        batch_size: int = 4,
+    ) -> None:
+        super().__init__()
+        if seeds is not None and images_per_prompt != 1:
+            raise ValueError(
+                f"Give either seeds ({len(seeds)}: one image per prompt and seed) or images_per_prompt "
+                f"({images_per_prompt}), not both."
+            )
+        if images_per_prompt < 1 or batch_size < 1:
+            raise ValueError(f"images_per_prompt and batch_size must be >= 1; got {images_per_prompt}, {batch_size}")
+        all_prompts = list(prompts or []) + (read_prompt_file(prompt_file) if prompt_file else [])
+        if not all_prompts:
+            raise ValueError(
+                "No prompts to generate: set data.init_args.prompts (e.g. '[a glass cup, a cat]') or "
+                "data.init_args.prompt_file (a text file, one prompt per line; this one has none)."
+            )
+        self.settings = settings
+        self.batch_size = batch_size
+        self.requests: list[PromptRequest] = []
+        for prompt_number, prompt in enumerate(all_prompts):
+            first_seed = seed + prompt_number * images_per_prompt
+            for prompt_seed in seeds or range(first_seed, first_seed + images_per_prompt):
+                self.requests.append(PromptRequest(len(self.requests), prompt, prompt_seed))
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.requests, batch_size=self.batch_size, shuffle=False, collate_fn=CollatePrompts(self.settings)
+        )

@@ -1,0 +1,420 @@
+"""Inference: text -> transparent (RGBA) images from a trained latent-transparency model.
+
+A diffusers ``StableDiffusionXLPipeline`` / ``StableDiffusionPipeline`` is assembled around the
+parts a LightningModule already holds (its UNet with the trained peft adapter, the frozen VAE
+and text encoders), so sampling is exactly diffusers' (schedulers, classifier-free guidance,
+SDXL size conditioning). It stops at the latents (``output_type="latent"``); those are
+decoded by the transparency decoder (``codec.decode_rgba``) instead of the plain VAE decode.
+
+Community LoRAs in the diffusers/peft format stack on the same UNet as extra peft adapters,
+each with its own weight, next to the trained adapter at weight 1.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from typing_extensions import NotRequired, TypedDict
+
+from layerdiff.models import codec
+from layerdiff.models.base import (
+    SCHEDULER_CONFIG_FILE,
+    Architecture,
+    TextEncoders,
+    detect_architecture,
+    load_component,
+)
+
+SchedulerName = Literal["euler", "euler_a", "dpm++", "dpm++_karras", "ddim"]
+# Each sampler is its diffusers class plus the settings that make it that sampler; everything
+# else (beta schedule, prediction type, timestep spacing) comes from the base model's config.
+SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "dpm++_karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "ddim": (DDIMScheduler, {}),
+}
+# The transparency decoder's UNet halves the latent three more times (DESIGN.md §3).
+SIZE_MULTIPLE = 64
+
+# The components of a pipeline that LoRA files address by key prefix (diffusers' naming).
+LORA_COMPONENTS: dict[Architecture, tuple[str, ...]] = {
+    "sdxl": ("unet", "text_encoder", "text_encoder_2"),
+    "sd15": ("unet", "text_encoder"),
+}
+# "<component>.<module path>.<factor>.weight": peft (lora_A/B) and the older diffusers
+# (lora.down/up, lora_linear_layer.down/up) key formats.
+_LORA_KEY = re.compile(
+    r"(?P<component>[^.]+)\.(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora\.down|lora\.up"
+    r"|lora_linear_layer\.down|lora_linear_layer\.up)\.weight"
+)
+_DOWN_FACTORS = ("lora_A", "lora.down", "lora_linear_layer.down")
+_EXAMPLES_SHOWN = 3
+
+
+class IncompatibleLoraError(ValueError):
+    """A community LoRA file does not fit the base model it is applied to."""
+
+
+def check_size(width: int, height: int) -> None:
+    """Generated sizes must be multiples of ``SIZE_MULTIPLE`` (64)."""
+    sides = {"width": width, "height": height}
+    bad = [f"{name} {value}" for name, value in sides.items() if value <= 0 or value % SIZE_MULTIPLE]
+    if bad:
+        width, height = (max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE) for value in (width, height))
+        raise ValueError(
+            f"Image size: {' and '.join(bad)} is not a positive multiple of {SIZE_MULTIPLE}, which the "
+            f"transparency decoder needs; use e.g. width {width}, height {height}."
+        )
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling settings shared by a batch of prompts.
+
+    Args:
+        width: image width in pixels, a multiple of 64.
+        height: image height in pixels, a multiple of 64.
+        steps: denoising steps.
+        guidance_scale: classifier-free guidance scale (1 = no guidance).
+        negative_prompt: what to steer away from; empty = the model's unconditional
+            embedding (SDXL: zeros, as diffusers' ``force_zeros_for_empty_prompt``).
+        scheduler: the sampler, one of ``SCHEDULERS``.
+    """
+
+    width: int = 1024
+    height: int = 1024
+    steps: int = 30
+    guidance_scale: float = 7.0
+    negative_prompt: str = ""
+    scheduler: SchedulerName = "euler"
+
+    def __post_init__(self) -> None:
+        check_size(self.width, self.height)
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1; got {self.steps}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"Unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}.")
+
+
+@dataclass
+class PromptBatch:
+    """A batch of images to generate (what ``predict_step`` receives): parallel lists of
+    their run positions, prompts and seeds, plus the settings they share."""
+
+    indices: list[int]
+    prompts: list[str]
+    seeds: list[int]
+    settings: GenerationSettings
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+class CommunityLora(TypedDict):
+    """A LoRA in the diffusers/peft format stacked on the trained model when generating.
+
+    A plain dict (``{path: style.safetensors, weight: 0.8}`` in YAML), so that it stays plain
+    data in hyper-parameters and checkpoints.
+
+    Keys:
+        path: the ``.safetensors`` file (or a folder holding ``pytorch_lora_weights.safetensors``).
+        weight: its scale, 1 if left out; 0 leaves the output unchanged.
+    """
+
+    path: str
+    weight: NotRequired[float]
+
+
+@dataclass
+class GeneratedImage:
+    """One generated transparent image and everything needed to make it again.
+
+    ``rgb`` (``3 x H x W``) and ``alpha`` (``1 x H x W``) are float CPU tensors in [0, 1];
+    colour is straight (not premultiplied). ``parameters`` holds the prompt, seed, settings,
+    base model and LoRAs, as recorded in the PNG's metadata.
+    """
+
+    index: int
+    prompt: str
+    seed: int
+    rgb: torch.Tensor
+    alpha: torch.Tensor
+    parameters: dict[str, Any]
+
+
+def load_scheduler_config(base_model: str, revision: str | None = None) -> dict[str, Any]:
+    """The base model's ``scheduler/scheduler_config.json`` as a dict."""
+    return dict(load_component(DDPMScheduler.load_config, base_model, "scheduler", SCHEDULER_CONFIG_FILE, revision))
+
+
+def make_scheduler(name: SchedulerName, base_config: dict[str, Any]) -> SchedulerMixin:
+    """Sampler ``name`` on the base model's noise schedule (``from_config``, as diffusers'
+    documented way of swapping schedulers)."""
+    scheduler_class, settings = SCHEDULERS[name]
+    return scheduler_class.from_config(base_config, **settings)
+
+
+def build_pipeline(
+    architecture: Architecture,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoders: TextEncoders,
+    scheduler: SchedulerMixin,
+) -> DiffusionPipeline:
+    """A diffusers pipeline over the given (shared, not copied) components."""
+    if architecture == "sdxl":
+        pipeline = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoders.encoders[0],
+            text_encoder_2=text_encoders.encoders[1],
+            tokenizer=text_encoders.tokenizers[0],
+            tokenizer_2=text_encoders.tokenizers[1],
+            unet=unet,
+            scheduler=scheduler,
+            add_watermarker=False,  # applies to decoded images only; we stop at latents
+        )
+    else:
+        pipeline = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoders.encoders[0],
+            tokenizer=text_encoders.tokenizers[0],
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipeline.set_progress_bar_config(disable=True)  # Lightning shows progress per batch
+    return pipeline
+
+
+def lora_weight_file(path: str | Path) -> Path:
+    """The LoRA file itself: ``path``, or the diffusers default file name inside a folder."""
+    path = Path(path).expanduser()
+    candidate = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+    if not candidate.is_file():
+        raise FileNotFoundError(
+            f"Community LoRA {path}: no such file. Give the path of a diffusers/peft LoRA "
+            "(.safetensors), or a folder holding pytorch_lora_weights.safetensors."
+        )
+    return candidate
+
+
+def check_lora_fits(
+    lora_file: Path,
+    state_dict: dict[str, torch.Tensor],
+    components: dict[str, nn.Module],
+    base_model: str,
+    architecture: Architecture,
+) -> None:
+    """Raise ``IncompatibleLoraError`` unless every LoRA factor in ``state_dict`` names a layer
+    of ``components`` with matching input/output sizes.
+
+    diffusers only warns about LoRA keys that match no layer (and peft fails deep inside on a
+    size mismatch); a LoRA made for another architecture (an SD1.5 LoRA on SDXL) would
+    then be applied partly or not at all. A LoRA factor ``down`` is ``[rank, in, ...]`` and
+    ``up`` is ``[out, rank, ...]``; the layer's weight is ``[out, in, ...]``.
+    """
+    unknown_components: set[str] = set()
+    layers: set[str] = set()
+    # dicts as ordered sets: a layer's two factors are reported once
+    missing_layers: dict[str, None] = {}
+    wrong_shapes: dict[str, str] = {}
+    for key, tensor in state_dict.items():
+        match = _LORA_KEY.fullmatch(key)
+        if match is None:
+            continue  # alphas, DoRA magnitudes and biases ride along with the factors
+        component_name, module_name, factor = match["component"], match["module"], match["factor"]
+        layer_name = f"{component_name}.{module_name}"
+        layers.add(layer_name)
+        if component_name not in components:
+            unknown_components.add(component_name)
+            continue
+        layer = _submodule(components[component_name], module_name)
+        if layer is None or not hasattr(layer, "weight"):
+            missing_layers[layer_name] = None
+            continue
+        weight = (layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer).weight
+        is_down = factor in _DOWN_FACTORS
+        lora_size, layer_size = (tensor.shape[1], weight.shape[1]) if is_down else (tensor.shape[0], weight.shape[0])
+        if lora_size != layer_size:
+            side = "input" if is_down else "output"
+            wrong_shapes.setdefault(
+                layer_name, f"{layer_name} ({side} size {lora_size} in the LoRA, {layer_size} in the model)"
+            )
+
+    problems = []
+    if not layers:
+        problems.append("it holds no LoRA weights in the diffusers/peft format ('<component>.<layer>.lora_A.weight')")
+    if unknown_components:
+        problems.append(
+            f"it has weights for {', '.join(sorted(unknown_components))}, which an {architecture.upper()} "
+            f"model does not have (its parts: {', '.join(components)})"
+        )
+    mismatches = ((list(missing_layers), "are not in the model"), (list(wrong_shapes.values()), "have other sizes"))
+    for found, what in mismatches:
+        if found:
+            examples = "; ".join(found[:_EXAMPLES_SHOWN]) + ("; ..." if len(found) > _EXAMPLES_SHOWN else "")
+            problems.append(f"{len(found)} of the {len(layers)} layers it adapts {what}, e.g. {examples}")
+    if problems:
+        raise IncompatibleLoraError(
+            f"Community LoRA {lora_file} does not fit base model '{base_model}' ({architecture.upper()}): "
+            + "; ".join(problems)
+            + ". It was probably trained for another architecture (e.g. an SD1.5 LoRA on SDXL); "
+            "use a LoRA trained for this base model."
+        )
+
+
+def _submodule(module: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+class TransparentImageGenerator:
+    """Text -> RGBA images with a trained UNet and transparency decoder.
+
+    The parts are shared with their owner (a LightningModule), not copied: device moves,
+    checkpoint loads and peft adapters of the owner are seen here.
+
+    Args:
+        unet: the denoiser, with its trained peft adapter(s) if it is a LoRA fine-tune.
+        vae: the frozen base VAE (its decoder feeds the transparency decoder).
+        text_encoders: the base model's tokenizers and text encoders.
+        transparent_decoder: the trained transparency decoder ``D``.
+        base_model: the base model's name (for its scheduler config and the metadata).
+        base_revision: hub revision of ``base_model``.
+        decode_augmentation: decode with the released 8-way flip/rotation median.
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoders: TextEncoders,
+        transparent_decoder: nn.Module,
+        base_model: str,
+        base_revision: str | None = None,
+        decode_augmentation: bool = False,
+    ) -> None:
+        self.architecture = detect_architecture(base_model, revision=base_revision)
+        self.base_model = base_model
+        self.base_revision = base_revision
+        self.transparent_decoder = transparent_decoder
+        self.decode_augmentation = decode_augmentation
+        self.scheduler_config = load_scheduler_config(base_model, base_revision)
+        self.pipeline = build_pipeline(
+            self.architecture, unet, vae, text_encoders, make_scheduler("euler", self.scheduler_config)
+        )
+        # Adapters present now are the trained ones: always at full weight.
+        self.trained_adapters = list(getattr(unet, "peft_config", {}))
+        self.community_loras: dict[str, CommunityLora] = {}
+
+    def add_community_lora(self, lora: CommunityLora) -> None:
+        """Load ``lora`` onto the UNet (and text encoders, if it adapts them) as a new adapter.
+
+        Raises ``FileNotFoundError`` for a missing file and ``IncompatibleLoraError`` when its
+        layers do not match this base model, before anything is changed.
+        """
+        lora_file = lora_weight_file(lora["path"])
+        try:
+            state_dict, _ = self.pipeline.lora_state_dict(str(lora_file))
+        except (OSError, ValueError) as error:
+            raise IncompatibleLoraError(f"Community LoRA {lora_file} could not be read as a LoRA: {error}") from error
+        components = {name: getattr(self.pipeline, name) for name in LORA_COMPONENTS[self.architecture]}
+        check_lora_fits(lora_file, state_dict, components, self.base_model, self.architecture)
+        adapter_name = f"community_{len(self.community_loras)}"
+        self.pipeline.load_lora_weights(str(lora_file), adapter_name=adapter_name)
+        self.community_loras[adapter_name] = {"path": lora["path"], "weight": lora.get("weight", 1.0)}
+        # Loading makes the new adapter the only active one; activate all with their weights.
+        community_weights = [item["weight"] for item in self.community_loras.values()]
+        self.pipeline.set_adapters(
+            self.trained_adapters + list(self.community_loras),
+            adapter_weights=[1.0] * len(self.trained_adapters) + community_weights,
+        )
+
+    def remove_community_loras(self) -> None:
+        """Delete the community adapters again; the trained adapters stay active at weight 1."""
+        if not self.community_loras:
+            return
+        self.pipeline.delete_adapters(list(self.community_loras))
+        self.community_loras.clear()
+        if self.trained_adapters:
+            self.pipeline.set_adapters(self.trained_adapters)
+
+    def model_parameters(self) -> dict[str, Any]:
+        """What the images depend on besides prompt, seed and settings."""
+        return {
+            "base_model": self.base_model,
+            "base_revision": self.base_revision,
+            "loras": list(self.community_loras.values()),
+            "decode_augmentation": self.decode_augmentation,
+        }
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        settings: GenerationSettings,
+        indices: Sequence[int] | None = None,
+    ) -> list[GeneratedImage]:
+        """One image per ``(prompt, seed)``; image ``i`` depends only on its own prompt and seed.
+
+        The initial noise of each image comes from its own CPU ``torch.Generator`` seeded with
+        its seed, so a seed gives the same image on any device and in any batch (up to
+        floating-point rounding, which differs between batch sizes and devices).
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt.")
+        indices = list(range(len(prompts))) if indices is None else list(indices)
+        self.pipeline.scheduler = make_scheduler(settings.scheduler, self.scheduler_config)
+        latents = self.pipeline(
+            prompt=list(prompts),
+            negative_prompt=[settings.negative_prompt] * len(prompts) if settings.negative_prompt else None,
+            width=settings.width,
+            height=settings.height,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            generator=[torch.Generator().manual_seed(int(seed)) for seed in seeds],
+            output_type="latent",
+        ).images
+        alpha, rgb = codec.decode_rgba(
+            self.pipeline.vae, self.transparent_decoder, latents.to(self.pipeline.vae.dtype), self.decode_augmentation
+        )
+        alpha, rgb = alpha.float().cpu(), rgb.float().cpu()
+        shared = {**asdict(settings), **self.model_parameters()}
+        return [
+            GeneratedImage(
+                index=index,
+                prompt=prompt,
+                seed=int(seed),
+                rgb=rgb[row],
+                alpha=alpha[row],
+                parameters={"prompt": prompt, "seed": int(seed), **shared},
+            )
+            for row, (index, prompt, seed) in enumerate(zip(indices, prompts, seeds))
+        ]
