@@ -1,0 +1,118 @@
+"""Watch a text-to-RGBA model learn: fixed prompts and seeds sampled during training."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
+
+from layerdiff.pipelines import GeneratedImage, GenerationSettings
+from layerdiff.rgba import image_grid, preview_on_checkerboard, to_uint8_hwc
+
+
+class TransparentSamples(Callback):
+    """Every ``every_n_steps`` optimizer steps (and when training starts, step 0 of a fresh
+    run), generate ``prompts`` x ``seeds`` with the module being trained.
+
+    Each time one grid ``<directory>/step_<N>.png``: for every seed, a row of the images on a
+    checkerboard (one column per prompt) and beneath it a row of their alpha. The same grid
+    goes to W&B (key ``samples``) when the trainer logs there. Fixed seeds make the grids of
+    a run directly comparable.
+
+    Every rank generates (a sharded UNet needs all ranks to run a forward); rank 0 writes.
+    Works with any module that has an ``image_generator()`` method returning a
+    ``layerdiff.pipelines.TransparentImageGenerator`` (``LatentDiffusionModule``).
+
+    Args:
+        prompts: what to generate.
+        seeds: each prompt is generated once per seed.
+        every_n_steps: sampling interval in optimizer steps.
+        settings: size, steps, guidance scale, negative prompt and sampler.
+        directory: where to write; defaults to ``<trainer.default_root_dir>/samples``.
+    """
+
+    def __init__(
+        self,
+        prompts: list[str],
+        seeds: list[int] | None = None,
+        every_n_steps: int = 1000,
+        settings: GenerationSettings = GenerationSettings(),
+        directory: str | None = None,
+    ) -> None:
+        if not prompts:
+            raise ValueError("TransparentSamples needs at least one prompt.")
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1; got {every_n_steps}")
+        self.prompts = list(prompts)
+        self.seeds = list(seeds or [0])
+        self.every_n_steps = every_n_steps
+        self.settings = settings
+        self.directory = directory
+        self._last_sampled_step: int | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not callable(getattr(pl_module, "image_generator", None)):
+            raise TypeError(
+                f"TransparentSamples needs a module that generates images (an image_generator() method, "
+                f"as LatentDiffusionModule has); {type(pl_module).__name__} has none. Remove the callback "
+                "from trainer.callbacks for this recipe."
+            )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._sample(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._sample(trainer, pl_module)
+
+    def _sample(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_sampled_step:  # gradient accumulation: several batches per step
+            return
+        self._last_sampled_step = step
+        images = self.generate(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return
+        grid = sample_grid(images, len(self.prompts))
+        directory = Path(self.directory or Path(trainer.default_root_dir) / "samples")
+        directory.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(to_uint8_hwc(grid)).save(directory / f"step_{step:06d}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(
+                    key="samples", images=[to_uint8_hwc(grid)], caption=[" | ".join(self.prompts)], step=step
+                )
+
+    def generate(self, trainer: Trainer, pl_module: LightningModule) -> list[GeneratedImage]:
+        """Seed-major: all prompts at the first seed, then all at the next, ..."""
+        prompts = [prompt for _ in self.seeds for prompt in self.prompts]
+        seeds = [seed for seed in self.seeds for _ in self.prompts]
+        with evaluation_mode(pl_module), trainer.precision_plugin.forward_context():
+            return pl_module.image_generator()(prompts, seeds, self.settings)
+
+
+@contextlib.contextmanager
+def evaluation_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode inside, then every submodule's own mode back (frozen parts stay in eval)."""
+    modes = {submodule: submodule.training for submodule in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for submodule, training in modes.items():
+            submodule.training = training
+
+
+def sample_grid(images: list[GeneratedImage], columns: int) -> torch.Tensor:
+    """Rows of ``columns`` images on a checkerboard, each followed by the row of their alpha."""
+    rows = []
+    for start in range(0, len(images), columns):
+        row = images[start : start + columns]
+        rgb, alpha = torch.stack([image.rgb for image in row]), torch.stack([image.alpha for image in row])
+        rows += [preview_on_checkerboard(rgb, alpha), alpha.expand(-1, 3, -1, -1)]
+    return image_grid(rows)
