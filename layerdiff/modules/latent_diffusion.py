@@ -24,6 +24,7 @@ from layerdiff.models.base import (
 from layerdiff.models.text import PromptEmbeddings, encode_prompts, sdxl_time_ids
 from layerdiff.modules.base import FrozenBaseModule
 from layerdiff.optim import LearningRateSchedule, OptimizerName, build_lr_schedule, build_optimizer
+from layerdiff.pipelines import CommunityLora, GeneratedImage, PromptBatch, TransparentImageGenerator
 
 LORA_ADAPTER = "layerdiff"
 # The released SDXL transparent LoRA: the four projections of self- and cross-attention.
@@ -73,6 +74,10 @@ class LatentDiffusionModule(FrozenBaseModule):
         gradient_checkpointing: recompute UNet activations in backward to save memory.
         seed: base seed of the noise/timestep/dropout generators; each data-parallel rank
             derives its own from it and its rank.
+        community_loras: diffusers/peft LoRA files stacked on the model, each with its weight,
+            when generating with ``train.py predict`` (not in training or its samples).
+        decode_augmentation: decode generated latents with the released 8-way flip/rotation
+            median (slower, cleaner alpha).
     """
 
     frozen_prefixes = ("vae.", "transparent_encoder.", "transparent_decoder.", "text_encoder_modules.")
@@ -97,6 +102,8 @@ class LatentDiffusionModule(FrozenBaseModule):
         lr_schedule: LearningRateSchedule = "constant",
         gradient_checkpointing: bool = False,
         seed: int = 0,
+        community_loras: list[CommunityLora] | None = None,
+        decode_augmentation: bool = False,
     ) -> None:
         super().__init__()
         if lora_rank is not None and lora_rank < 1:
@@ -134,6 +141,7 @@ class LatentDiffusionModule(FrozenBaseModule):
         self.noise_generator = torch.Generator()
         self._noise_generator_restored = False
         self._empty_prompt: PromptEmbeddings | None = None
+        self._image_generator: TransparentImageGenerator | None = None
 
     # -- conditioning and latents ------------------------------------------------------
 
@@ -243,3 +251,30 @@ class LatentDiffusionModule(FrozenBaseModule):
         if states is not None and len(states) == world_size:
             self.noise_generator.set_state(states[self.global_rank].clone())
             self._noise_generator_restored = True
+
+    # -- generation: train.py predict and the TransparentSamples callback ------------------
+
+    def image_generator(self) -> TransparentImageGenerator:
+        """Text -> RGBA with this module's parts (shared, so it always sees the current weights)."""
+        if self._image_generator is None:
+            self._image_generator = TransparentImageGenerator(
+                self.unet,
+                self.vae,
+                self.text_encoders,
+                self.transparent_decoder,
+                self.hparams.base_model,
+                self.hparams.base_revision,
+                self.hparams.decode_augmentation,
+            )
+        return self._image_generator
+
+    def on_predict_start(self) -> None:
+        # After the checkpoint is restored: the extra adapters are not part of its state.
+        for lora in self.hparams.community_loras or []:
+            self.image_generator().add_community_lora(lora)
+
+    def on_predict_end(self) -> None:
+        self.image_generator().remove_community_loras()
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[GeneratedImage]:
+        return self.image_generator()(batch.prompts, batch.seeds, batch.settings, batch.indices)
