@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
@@ -343,7 +344,7 @@ def test_samples_are_written_at_the_start_and_every_n_steps(tiny_sdxl, tiny_tran
         devices=1,
         max_steps=3,
         limit_val_batches=0,
-        logger=False,
+        logger=WandbLogger(save_dir=tmp_path, project="layerdiff-test", offline=True),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -358,6 +359,8 @@ def test_samples_are_written_at_the_start_and_every_n_steps(tiny_sdxl, tiny_tran
         # 3 prompts across; per seed a row of images and a row of alpha; 2 px padding
         assert grid.size == (3 * 64 + 4 * 2, 4 * 64 + 5 * 2)
     assert module.unet.training and not module.vae.training  # every part back in its own mode
+    logged = list(tmp_path.glob("wandb/offline-run-*/files/media/images/samples_*.png"))
+    assert len(logged) == 2
 
 
 def test_sampling_needs_a_module_that_generates(tmp_path):
