@@ -97,7 +97,7 @@ class _CorruptTracker:
 
 
 def detect_sample_kind(shards: list[str]) -> SampleKind:
-    """The kind of the first sample the shards hold (image samples when none can be read).
+    """The kind of the first sample the shards hold (the image kind when none can be read).
 
     Reads one sample's member names; every stream compares its samples with this kind.
     """
@@ -159,8 +159,7 @@ class ShardStream(IterableDataset):
         if self.kind.cached and require_layers:
             raise SchemaError(
                 f"require_layers is true, but {self.shards[0]} holds samples of kind {self.kind}, which have "
-                "no layers. "
-                "Fix: pass `require_layers: false`, or train this objective on image shards."
+                "no layers. Fix: pass `require_layers: false`, or train this objective on image shards."
             )
         self.epoch = 0
 

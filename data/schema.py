@@ -36,7 +36,8 @@ Readers ignore every field they do not know.
 **Cached samples** (``python -m data cache-latents``, ``data/latent_cache.py``) replace
 the pixels by what the diffusion objectives compute from them, so training skips the
 frozen VAE, the transparency encoder and, optionally, the text encoders. One cached shard
-per image shard, with the same keys, and these fields:
+per image shard, with the same keys, and these fields (the layers ``bg.png``/``blend.png``
+are not carried over: the cache serves single-layer latent diffusion):
 
 ``txt``, ``json`` (required)
     Copied unchanged from the image sample: ``width`` and ``height`` are still the pixel
