@@ -168,11 +168,10 @@ class LatentCacheEncoder:
         stored = {name: array.to(self.dtype).cpu().numpy() for name, array in arrays.items() if array is not None}
         for name, array in stored.items():
             if not np.isfinite(array).all():
-                keys = [members["__key__"] for members, _ in samples]
-                raise ValueError(
-                    f"non-finite {name} values for keys {keys[0]}..{keys[-1]} when stored as {self.dtype}; "
-                    "store them with --dtype float32"
-                )
+                keys = ", ".join(members["__key__"] for members, _ in samples)
+                fix = ("store them with --dtype float32" if self.dtype == torch.float16
+                       else "check the base model and the transparent VAE")
+                raise ValueError(f"non-finite {name} values for one of the keys {keys} (stored as {self.dtype}); {fix}")
         return [
             encode_cached_sample(members, **{name: array[index] for name, array in stored.items()})
             for index, (members, _) in enumerate(samples)
