@@ -15,16 +15,21 @@ Their safetensors metadata (all strings) carries ``format = "layerdiffuse"``, ``
 
 Lightning checkpoints: the training module holds the encoder as ``transparent_encoder`` and the
 decoder as ``transparent_decoder``, so their keys in ``ckpt["state_dict"]`` start with
-``transparent_encoder.`` / ``transparent_decoder.``; other keys (frozen VAE, discriminator, EMA
-copies) are ignored. Decoder widths and depth are read off the weights themselves; head size and
+``transparent_encoder.`` / ``transparent_decoder.``; other keys (frozen VAE, discriminator) are
+ignored. When the run kept an exponential moving average (``callbacks.EMA``), its averages, stored
+in ``ckpt["callbacks"]``, replace the raw weights (``use_ema=False`` / ``--no-ema`` keeps the raw
+ones). Decoder widths and depth are read off the weights themselves; head size and
 group count, which no weight shape reveals, come from the hyper-parameters
 ``decoder_attention_head_dim`` / ``decoder_norm_num_groups`` (at any nesting depth) or default
 to the released values. Both single-file checkpoints and Lightning's distributed checkpoint
 folders (FSDP2 / ``ModelParallelStrategy``) are read.
 
-CLI::
+UNet weights (LoRAs in the diffusers/peft and Forge/ComfyUI layouts, full fine-tunes as diffusers
+UNet folders) live in :mod:`layerdiff.export_lora`; this module's CLI exports them too::
 
-    python -m layerdiff.export transparent-vae --checkpoint last.ckpt --out DIR [--dtype fp16]
+    python -m layerdiff.export transparent-vae --checkpoint last.ckpt --out DIR [--dtype fp16] [--no-ema]
+    python -m layerdiff.export lora --checkpoint last.ckpt --out DIR [--format both] [--dtype fp16] [--no-ema]
+    python -m layerdiff.export unet --checkpoint last.ckpt --out DIR [--dtype fp16] [--no-ema]
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ RELEASED_DECODER_CONFIG = {
     "norm_num_groups": 4,
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The key under which callbacks.EMA stores its averages (parameter name -> tensor) in its callback
+# state; exports find the EMA state in ``ckpt["callbacks"]`` by it.
+EMA_AVERAGES_KEY = "averaged_parameters"
 # Wrappers that activation checkpointing and torch.compile insert into parameter names.
 _WRAPPER_SEGMENT = re.compile(r"(_checkpoint_wrapped_module|_orig_mod)\.")
 
@@ -97,20 +105,32 @@ def save_transparent_vae(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    common = {
-        "format": "layerdiffuse",
-        "format_version": FORMAT_VERSION,
-        "layerdiff_version": _layerdiff_version(),
-        "decoder_config": json.dumps(decoder.config),
-    }
-    if metadata is not None:
-        common["layerdiff_config"] = json.dumps(metadata, default=str, sort_keys=True)
-
     paths = (out_dir / ENCODER_FILENAME, out_dir / DECODER_FILENAME)
     for module, path, component in zip((encoder, decoder), paths, ("transparent_encoder", "transparent_decoder")):
-        tensors = {key: value.detach().to("cpu", dtype).contiguous() for key, value in module.state_dict().items()}
-        save_file(tensors, path, metadata={**common, "component": component})
+        file_metadata = {
+            "format": "layerdiffuse",
+            "decoder_config": json.dumps(decoder.config),
+            **layerdiff_metadata(component, metadata),
+        }
+        save_file(tensors_for_file(module.state_dict(), dtype), path, metadata=file_metadata)
     return paths
+
+
+def layerdiff_metadata(component: str, training_config: Mapping[str, Any] | None) -> dict[str, str]:
+    """Provenance strings for an exported file's safetensors metadata.
+
+    ``training_config`` (e.g. the training hyper-parameters) is stored as JSON under
+    ``layerdiff_config``; values JSON cannot encode are written as their ``str()``.
+    """
+    metadata = {"component": component, "format_version": FORMAT_VERSION, "layerdiff_version": _layerdiff_version()}
+    if training_config is not None:
+        metadata["layerdiff_config"] = json.dumps(training_config, default=str, sort_keys=True)
+    return metadata
+
+
+def tensors_for_file(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies in ``dtype``, as safetensors writes them."""
+    return {key: value.detach().to("cpu", dtype).contiguous() for key, value in state_dict.items()}
 
 
 def read_metadata(path: str | PathLike) -> dict[str, str]:
@@ -202,6 +222,30 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def trained_state_dict(contents: Mapping[str, Any], use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """A checkpoint's ``state_dict``, with the EMA callback's averages in place of the raw
+    weights when the checkpoint has them and ``use_ema``."""
+    state_dict = dict(contents.get("state_dict", {}))
+    if not use_ema:
+        return state_dict
+    averages = [
+        state[EMA_AVERAGES_KEY]
+        for state in contents.get("callbacks", {}).values()
+        if isinstance(state, Mapping) and EMA_AVERAGES_KEY in state
+    ]
+    if not averages:
+        return state_dict
+    unknown = sorted(set(averages[0]) - set(state_dict))
+    if len(averages) > 1 or unknown:
+        raise ValueError(
+            f"the checkpoint's EMA state does not match its weights ({len(averages)} EMA states; averaged "
+            f"parameters missing from state_dict: {unknown[:3]}). Export the raw weights with --no-ema "
+            "(use_ema=False)."
+        )
+    state_dict.update(averages[0])
+    return state_dict
+
+
 def _submodule_state(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {
         _WRAPPER_SEGMENT.sub("", key[len(prefix):]): tensor
@@ -223,19 +267,23 @@ def _find_hyperparameter(hyperparameters: Any, name: str) -> Any:
 
 
 def export_transparent_vae_checkpoint(
-    checkpoint: str | PathLike, out_dir: str | PathLike, dtype: torch.dtype = torch.float32
+    checkpoint: str | PathLike, out_dir: str | PathLike, dtype: torch.dtype = torch.float32, use_ema: bool = True
 ) -> tuple[Path, Path]:
-    """Extract encoder and decoder from a Lightning checkpoint into the released file format."""
+    """Extract encoder and decoder from a Lightning checkpoint into the released file format
+    (the EMA weights when the checkpoint has them and ``use_ema``)."""
     checkpoint_path = Path(checkpoint)
     contents = _read_checkpoint(checkpoint_path)
-    encoder, decoder = _transparency_models_from_checkpoint(contents, checkpoint_path)
+    encoder, decoder = _transparency_models_from_checkpoint(contents, checkpoint_path, use_ema)
     hyperparameters = dict(contents.get("hyper_parameters", {}))
     return save_transparent_vae(encoder, decoder, out_dir, metadata=hyperparameters, dtype=dtype)
 
 
-def load_transparency_models(source: str | PathLike) -> tuple[LatentTransparencyEncoder, TransparencyDecoder]:
+def load_transparency_models(
+    source: str | PathLike, use_ema: bool = True
+) -> tuple[LatentTransparencyEncoder, TransparencyDecoder]:
     """A trained encoder and decoder from an export folder (ours or the released files) or a
-    ``TransparentVAEModule`` checkpoint (``.ckpt`` file or sharded folder).
+    ``TransparentVAEModule`` checkpoint (``.ckpt`` file or sharded folder; its EMA weights when
+    it has them and ``use_ema``, as the export would write).
 
     Decoder shape comes from the export's ``decoder_config`` metadata, or from the weights and
     hyper-parameters of a checkpoint; the released files (no metadata) are the released shape.
@@ -253,13 +301,13 @@ def load_transparency_models(source: str | PathLike) -> tuple[LatentTransparency
             f"transparent VAE not found: {path}. Give a folder with {ENCODER_FILENAME} and {DECODER_FILENAME} "
             "(an export or the released LayerDiffuse files) or a TransparentVAEModule checkpoint."
         )
-    return _transparency_models_from_checkpoint(_read_checkpoint(path), path)
+    return _transparency_models_from_checkpoint(_read_checkpoint(path), path, use_ema)
 
 
 def _transparency_models_from_checkpoint(
-    contents: Mapping[str, Any], checkpoint_path: Path
+    contents: Mapping[str, Any], checkpoint_path: Path, use_ema: bool
 ) -> tuple[LatentTransparencyEncoder, TransparencyDecoder]:
-    state_dict = contents.get("state_dict", {})
+    state_dict = trained_state_dict(contents, use_ema)
     hyperparameters = dict(contents.get("hyper_parameters", {}))
     encoder_state = _submodule_state(state_dict, ENCODER_PREFIX)
     decoder_state = _submodule_state(state_dict, DECODER_PREFIX)
@@ -283,6 +331,9 @@ def _transparency_models_from_checkpoint(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Imported here: export_lora builds on this module's checkpoint helpers.
+    from layerdiff import export_lora
+
     parser = argparse.ArgumentParser(
         prog="python -m layerdiff.export", description="Export trained layerdiff weights into released formats."
     )
@@ -291,12 +342,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         "transparent-vae",
         help="write vae_transparent_{encoder,decoder}.safetensors from a TransparentVAEModule checkpoint",
     )
-    transparent.add_argument("--checkpoint", required=True, type=Path, help="Lightning .ckpt file or sharded folder")
-    transparent.add_argument("--out", required=True, type=Path, help="output folder")
-    transparent.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="tensor dtype in the files")
+    lora = commands.add_parser(
+        "lora",
+        help=f"write the UNet LoRA of a checkpoint as diffusers/peft {export_lora.DIFFUSERS_LORA_FILENAME} "
+        "and/or in the Forge/ComfyUI layout of the released LayerDiffuse LoRAs",
+    )
+    lora.add_argument(
+        "--format", choices=("diffusers", "forge", "both"), default="both", help="which layouts to write"
+    )
+    unet = commands.add_parser(
+        "unet",
+        help="write the fine-tuned UNet (a LoRA checkpoint: base UNet with the LoRA fused in) as a diffusers "
+        "UNet folder that UNet2DConditionModel.from_pretrained loads",
+    )
+    for command in (transparent, lora, unet):
+        command.add_argument("--checkpoint", required=True, type=Path, help="Lightning .ckpt file or sharded folder")
+        command.add_argument("--out", required=True, type=Path, help="output folder")
+        command.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="tensor dtype in the files")
+        command.add_argument(
+            "--no-ema", dest="use_ema", action="store_false", help="export the raw weights even if the run kept an EMA"
+        )
+    for command in (lora, unet):
+        command.add_argument(
+            "--base-model",
+            help="base model (hub id or folder) to read the UNet from, instead of the checkpoint's base_model "
+            "hyper-parameter (e.g. when it was a path on another machine)",
+        )
     args = parser.parse_args(argv)
+    dtype = DTYPES[args.dtype]
 
-    encoder_path, decoder_path = export_transparent_vae_checkpoint(args.checkpoint, args.out, DTYPES[args.dtype])
+    if args.command == "lora":
+        formats = ("diffusers", "forge") if args.format == "both" else (args.format,)
+        paths = export_lora.export_lora_checkpoint(
+            args.checkpoint, args.out, formats, dtype, use_ema=args.use_ema, base_model=args.base_model
+        )
+        print("\n".join(f"wrote {path}" for path in paths))
+        return 0
+    if args.command == "unet":
+        folder = export_lora.export_unet_checkpoint(
+            args.checkpoint, args.out, dtype, use_ema=args.use_ema, base_model=args.base_model
+        )
+        print(f"wrote {folder}")
+        return 0
+
+    encoder_path, decoder_path = export_transparent_vae_checkpoint(args.checkpoint, args.out, dtype, args.use_ema)
     config = json.loads(read_metadata(decoder_path)["decoder_config"])
     print(f"wrote {encoder_path}\nwrote {decoder_path}")
     if config != RELEASED_DECODER_CONFIG:
