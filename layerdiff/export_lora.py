@@ -17,8 +17,8 @@ Files:
   and ``lora_adapter_metadata`` (``r``, ``lora_alpha``, ``target_modules``). Loads with
   ``StableDiffusionXLPipeline.load_lora_weights(folder)`` (or ``StableDiffusionPipeline``), and
   with peft's ``set_peft_model_state_dict`` after diffusers' ``convert_unet_state_dict_to_peft``.
-* ``layer_xl_transparent_attn.safetensors`` (SDXL) / ``layer_sd15_transparent_attn.safetensors``
-  (SD1.5), the Forge/ComfyUI layout: ``diffusion_model.<original UNet path>.weight::lora::{0,1}``,
+* ``layer_xl_transparent_attn.safetensors`` (SDXL; ``layerdiff_sd15_transparent_attn_lora.safetensors``
+  for SD1.5), the Forge/ComfyUI layout: ``diffusion_model.<original UNet path>.weight::lora::{0,1}``,
   0 the up factor ``(out, rank)``, 1 the down factor ``(rank, in)``. Paths follow the original
   (LDM/SGM) UNet's block numbering, derived from the UNet config (:func:`ldm_attention_prefixes`).
 * A full UNet: ``UNet2DConditionModel.save_pretrained`` (safetensors) plus
@@ -60,10 +60,12 @@ from layerdiff.export import (
 from layerdiff.models.base import MODEL_CONFIG_FILE, detect_architecture, load_component, load_unet
 
 DIFFUSERS_LORA_FILENAME = LORA_WEIGHT_NAME_SAFE  # pytorch_lora_weights.safetensors
-# The released names, so an export drops in where the Forge/ComfyUI extensions look for them.
+# SDXL: the released name, so an export drops in where the Forge/ComfyUI extensions look for it.
+# SD1.5: the released layer_sd15_transparent_attn is an attention-sharing patch in another layout,
+# which those extensions load differently, so the ::lora:: file must not take its name.
 FORGE_LORA_FILENAMES = {
     "sdxl": "layer_xl_transparent_attn.safetensors",
-    "sd15": "layer_sd15_transparent_attn.safetensors",
+    "sd15": "layerdiff_sd15_transparent_attn_lora.safetensors",
 }
 UNET_CONFIG_FILENAME = "layerdiff_config.json"
 UNET_PREFIX = "unet."
@@ -223,10 +225,12 @@ def _read_diffusers_lora(path: Path) -> Lora:
         str(path), return_lora_metadata=True
     )
     other = sorted(key for key in state_dict if not key.startswith(UNET_PREFIX))
-    if other or network_alphas:
+    if other:
+        raise ValueError(f"{path}: only UNet LoRAs are read here; the file also adapts other models, e.g. {other[:3]}")
+    if network_alphas:
         raise ValueError(
-            f"{path}: only UNet LoRAs in the diffusers/peft layout are read here; this file has "
-            f"{'non-UNet keys, e.g. ' + str(other[:3]) if other else 'kohya-style alphas'}."
+            f"{path}: kohya/A1111-layout LoRAs (per-module alphas) are not read here; give a diffusers/peft "
+            "or Forge/ComfyUI LayerDiffuse file."
         )
     config = {key.removeprefix(UNET_PREFIX): value for key, value in (metadata or {}).items()}
     if config.get("use_rslora") or config.get("alpha_pattern") or config.get("rank_pattern"):
@@ -256,10 +260,15 @@ def load_lora_into_unet(unet: UNet2DConditionModel, path: str | PathLike, adapte
         layer = layers[name]
         down, up = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
         if factors.down.shape != down.shape or factors.up.shape != up.shape:
+            file_weight, unet_weight = (factors.up.shape[0], factors.down.shape[1]), (up.shape[0], down.shape[1])
+            advice = (
+                f"set lora_rank to {factors.down.shape[0]}"
+                if file_weight == unet_weight
+                else "the file adapts another base model"
+            )
             raise ValueError(
-                f"{path}: module {name!r} has rank {factors.down.shape[0]} and shape "
-                f"{list(factors.up.shape[:1]) + list(factors.down.shape[1:])} in the file but rank {down.shape[0]} "
-                f"and {[up.shape[0], down.shape[1]]} in the UNet; set lora_rank to the file's rank."
+                f"{path}: module {name!r} is rank {factors.down.shape[0]} on a {file_weight} weight in the file, "
+                f"rank {down.shape[0]} on {unet_weight} in the UNet; {advice}."
             )
         with torch.no_grad():
             down.copy_(factors.down)
