@@ -173,7 +173,9 @@ def lora_from_state_dict(state_dict: Mapping[str, torch.Tensor], lora_alpha: flo
         match = _PEFT_KEY.match(key)
         if match is None:
             if ".lora_" in key:
-                raise ValueError(f"unsupported LoRA parameter {key!r}: only plain LoRA factors (no DoRA, no LoRA bias) export")
+                raise ValueError(
+                    f"unsupported LoRA parameter {key!r}: only plain LoRA factors (no DoRA, no LoRA bias) export"
+                )
             continue
         adapters.add(match["adapter"])
         factors.setdefault(match["module"], {})[match["factor"]] = tensor
@@ -357,11 +359,14 @@ def _read_unet_checkpoint(checkpoint: str | PathLike, use_ema: bool, base_model:
     hyperparameters = dict(contents.get("hyper_parameters", {}))
     unet_state = _submodule_state(trained_state_dict(contents, use_ema), UNET_PREFIX)
     if not unet_state:
-        raise ValueError(f"{path}: no '{UNET_PREFIX}*' weights in the checkpoint; is it a LatentDiffusionModule checkpoint?")
+        raise ValueError(
+            f"{path}: no '{UNET_PREFIX}*' weights in the checkpoint; is it a LatentDiffusionModule checkpoint?"
+        )
     base_model = base_model or _find_hyperparameter(hyperparameters, "base_model")
     if base_model is None:
         raise ValueError(f"{path}: its hyper-parameters name no base_model; pass --base-model")
-    return _UNetCheckpoint(unet_state, hyperparameters, base_model, _find_hyperparameter(hyperparameters, "base_revision"))
+    base_revision = _find_hyperparameter(hyperparameters, "base_revision")
+    return _UNetCheckpoint(unet_state, hyperparameters, base_model, base_revision)
 
 
 def export_lora_checkpoint(
