@@ -1,5 +1,5 @@
-"""Every recipe in configs/ parses, alone and with each of its overlays, against the code's
-constructor signatures, so a recipe can never drift from the code."""
+"""Every YAML file in configs/ parses, in each stack of ``-c`` files it is meant for, against
+the code's constructor signatures, so a recipe or overlay can never drift from the code."""
 
 from pathlib import Path
 
@@ -9,70 +9,86 @@ import yaml
 from layerdiff.cli import LayerdiffCLI
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPES = sorted(CONFIGS.glob("*.yaml"))
+
+# (subcommand, files): recipes at the top level, overlays stacked on them as the README and
+# the files' own headers use them.
+STACKS = [
+    ("fit", ("transparent_vae.yaml",)),
+    ("fit", ("transparent_vae.yaml", "demo/transparent_vae.yaml")),
+    ("fit", ("latent_diffusion.yaml",)),
+    ("fit", ("latent_diffusion.yaml", "demo/latent_diffusion.yaml")),
+    ("predict", ("latent_diffusion.yaml", "predict.yaml")),
+    ("predict", ("latent_diffusion.yaml", "demo/latent_diffusion.yaml", "predict.yaml", "demo/predict.yaml")),
+]
+RECIPES = sorted(path.name for path in CONFIGS.glob("*.yaml") if "class_path" in yaml.safe_load(path.read_text()).get("model", {}))
 
 
-def overlays_for(recipe: Path) -> list[Path]:
-    """An overlay applies to a recipe when it is named after it (``configs/demo/<recipe>.yaml``)."""
-    return sorted(path for path in CONFIGS.glob(f"*/{recipe.name}"))
+def stack_id(stack: tuple[str, tuple[str, ...]]) -> str:
+    subcommand, files = stack
+    return f"{subcommand}:" + "+".join(name.removesuffix(".yaml") for name in files)
 
 
-def print_config(capsys, *files: Path, extra: tuple[str, ...] = ()) -> dict:
-    args = ["fit"]
-    for path in files:
-        args += ["-c", str(path)]
+def print_config(capsys, subcommand: str, *files: str, extra: tuple[str, ...] = ()) -> dict:
+    args = [subcommand]
+    for name in files:
+        args += ["-c", str(CONFIGS / name)]
     with pytest.raises(SystemExit) as exit_info:
         LayerdiffCLI(args=[*args, *extra, "--print_config"])
-    assert exit_info.value.code in (0, None)
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
     return yaml.safe_load(capsys.readouterr().out)
 
 
-def test_there_are_recipes_and_overlays():
-    assert RECIPES, "configs/ holds no recipes"
-    assert all(overlays_for(recipe) for recipe in RECIPES), "every recipe needs at least its demo overlay"
+def test_every_config_file_is_in_a_tested_stack():
+    tested = {name for _, files in STACKS for name in files}
+    on_disk = {str(path.relative_to(CONFIGS)) for path in CONFIGS.rglob("*.yaml")}
+    assert on_disk <= tested, f"add these to STACKS: {sorted(on_disk - tested)}"
+    for recipe in RECIPES:
+        assert ("fit", (recipe,)) in STACKS, f"recipe {recipe} must parse alone"
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
-def test_recipe_parses_alone(recipe, capsys):
-    config = print_config(capsys, recipe)
+@pytest.mark.parametrize("stack", STACKS, ids=stack_id)
+def test_stack_parses_and_every_overlay_value_is_applied(stack, capsys):
+    subcommand, files = stack
+    config = print_config(capsys, subcommand, *files)
     assert config["model"]["class_path"].startswith("layerdiff.modules.")
-    assert config["data"]["class_path"] == "data.ShardDataModule"
+    for (section, key), (name, value) in overlay_settings(files[1:]).items():
+        parsed = config[section].get("init_args", config[section])
+        assert parsed[key] == value, f"{name}: {section}.{key} was not applied"
 
 
-@pytest.mark.parametrize(
-    "recipe,overlay",
-    [(recipe, overlay) for recipe in RECIPES for overlay in overlays_for(recipe)],
-    ids=lambda path: f"{path.parent.name}/{path.stem}",
-)
-def test_recipe_parses_with_overlay(recipe, overlay, capsys):
-    config = print_config(capsys, recipe, overlay)
-    overlay_values = yaml.safe_load(overlay.read_text())
-    for section in ("trainer", "model", "data"):
-        for key, value in overlay_values.get(section, {}).get("init_args", overlay_values.get(section, {})).items():
-            if isinstance(value, (str, int, float, bool)) and "${" not in str(value):
-                parsed = config[section].get("init_args", config[section])
-                assert parsed[key] == value, f"{overlay.name}: {section}.{key} was not applied"
+def overlay_settings(files: tuple[str, ...]) -> dict[tuple[str, str], tuple[str, object]]:
+    """The plain values the overlays set, by ``(section, key)``; a later file wins, and one that
+    names a new ``class_path`` for a section replaces that section's earlier values."""
+    settings = {}
+    for name in files:
+        overlay = yaml.safe_load((CONFIGS / name).read_text())
+        for section in ("trainer", "model", "data"):
+            values = overlay.get(section, {})
+            if "class_path" in values:
+                settings = {where: setting for where, setting in settings.items() if where[0] != section}
+            for key, value in values.get("init_args", values).items():
+                if isinstance(value, (str, int, float, bool)) and "${" not in str(value):
+                    settings[section, key] = (name, value)
+    return settings
 
 
 def test_interpolation_follows_the_merged_config(capsys):
-    recipe = CONFIGS / "transparent_vae.yaml"
-    config = print_config(capsys, recipe, extra=("--trainer.default_root_dir", "/tmp/elsewhere"))
+    config = print_config(capsys, "fit", "transparent_vae.yaml", extra=("--trainer.default_root_dir", "/tmp/elsewhere"))
     assert config["trainer"]["logger"]["init_args"]["save_dir"] == "/tmp/elsewhere"
     checkpoint = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
     assert checkpoint["init_args"]["dirpath"] == "/tmp/elsewhere/checkpoints"
 
 
 def test_wandb_is_offline_unless_asked(capsys, monkeypatch):
-    recipe = CONFIGS / "transparent_vae.yaml"
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    assert print_config(capsys, recipe)["trainer"]["logger"]["init_args"]["offline"] is True
+    assert print_config(capsys, "fit", "transparent_vae.yaml")["trainer"]["logger"]["init_args"]["offline"] is True
     monkeypatch.setenv("WANDB_MODE", "online")
-    assert print_config(capsys, recipe)["trainer"]["logger"]["init_args"]["offline"] is False
+    assert print_config(capsys, "fit", "transparent_vae.yaml")["trainer"]["logger"]["init_args"]["offline"] is False
 
 
 def test_a_typo_is_reported_by_name(capsys):
-    recipe = CONFIGS / "transparent_vae.yaml"
+    recipe = str(CONFIGS / "transparent_vae.yaml")
     with pytest.raises(SystemExit) as exit_info:
-        LayerdiffCLI(args=["fit", "-c", str(recipe), "--model.init_args.learning_rat", "1e-4", "--print_config"])
+        LayerdiffCLI(args=["fit", "-c", recipe, "--model.init_args.learning_rat", "1e-4", "--print_config"])
     assert exit_info.value.code != 0
     assert "learning_rat" in capsys.readouterr().err
