@@ -9,15 +9,18 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
 
+from callbacks.ema import averaged_weights_of
 from layerdiff.pipelines import GeneratedImage, GenerationSettings
 from layerdiff.rgba import image_grid, preview_on_checkerboard, to_uint8_hwc
 
 
 class TransparentSamples(Callback):
-    """Every ``every_n_steps`` optimizer steps (and when training starts, step 0 of a fresh
-    run), generate ``prompts`` x ``seeds`` with the module being trained.
+    """Generate ``prompts`` x ``seeds`` with the module being trained: when training starts
+    (step 0 of a fresh run), then after every validation (or every ``every_n_steps``
+    optimizer steps), with the EMA weights when the run keeps an ``EMA``.
 
     Each time one grid ``<directory>/step_<N>.png``: for every seed, a row of the images on a
     checkerboard (one column per prompt) and beneath it a row of their alpha. The same grid
@@ -31,8 +34,10 @@ class TransparentSamples(Callback):
     Args:
         prompts: what to generate.
         seeds: each prompt is generated once per seed.
-        every_n_steps: sampling interval in optimizer steps.
-        settings: size, steps, guidance scale, negative prompt and sampler.
+        every_n_steps: sampling interval in optimizer steps; ``None`` samples whenever
+            validation runs during training (``trainer.val_check_interval``).
+        settings: size (default: the base model's native size), steps, guidance scale,
+            negative prompt and sampler.
         directory: where to write; defaults to ``<trainer.default_root_dir>/samples``.
     """
 
@@ -40,13 +45,13 @@ class TransparentSamples(Callback):
         self,
         prompts: list[str],
         seeds: list[int] | None = None,
-        every_n_steps: int = 1000,
+        every_n_steps: int | None = None,
         settings: GenerationSettings = GenerationSettings(),
         directory: str | None = None,
     ) -> None:
         if not prompts:
             raise ValueError("TransparentSamples needs at least one prompt.")
-        if every_n_steps < 1:
+        if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1; got {every_n_steps}")
         self.prompts = list(prompts)
         self.seeds = list(seeds or [0])
@@ -67,7 +72,12 @@ class TransparentSamples(Callback):
         self._sample(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
+        if self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0:
+            self._sample(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # validation inside fit only: a plain `validate` or the sanity check is not a training step
+        if self.every_n_steps is None and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             self._sample(trainer, pl_module)
 
     def _sample(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -92,7 +102,7 @@ class TransparentSamples(Callback):
         """Seed-major: all prompts at the first seed, then all at the next, ..."""
         prompts = [prompt for _ in self.seeds for prompt in self.prompts]
         seeds = [seed for seed in self.seeds for _ in self.prompts]
-        with evaluation_mode(pl_module), trainer.precision_plugin.forward_context():
+        with averaged_weights_of(trainer), evaluation_mode(pl_module), trainer.precision_plugin.forward_context():
             return pl_module.image_generator()(prompts, seeds, self.settings)
 
 

@@ -1,15 +1,18 @@
 """The end-to-end demo on the embedded default (README command 1).
 
-Runs the same recipe a user would run with ``train.py``, plus the demo overlay:
+Runs the recipes a user would run with ``train.py``, each with its demo overlay:
 
 1. builds the tiny SDXL-shaped model and the OpenMoji demo shards if they are missing;
-2. validates the untrained transparency VAE (held-out alpha MSE, images at step 0);
-3. trains it;
-4. validates again (images at the last step) and exports the released-layout weights.
+2. **transparent VAE** (LD sec. 3.1): validates the untrained model (held-out alpha MSE,
+   images at step 0), trains it, validates again and exports the released-layout weights;
+3. **latent diffusion** (LD sec. 3.2): fine-tunes the tiny UNet on the adjusted latents of
+   that export (validation loss before and after);
+4. **generation**: ``predict`` turns demo prompts into RGBA PNGs and a contact sheet.
 
-Extra command-line arguments override the recipe, as with ``train.py``::
+Extra command-line arguments override the recipes: ``--trainer.*`` applies to both training
+stages, ``--vae.<key>`` only to the first and ``--diffusion.<key>`` only to the second::
 
-    python -m layerdiff.demo --trainer.max_steps 100
+    python -m layerdiff.demo --trainer.max_steps 100 --diffusion.model.init_args.learning_rate 1e-4
 """
 
 from __future__ import annotations
@@ -19,52 +22,122 @@ import sys
 import time
 from pathlib import Path
 
+from lightning.pytorch.loggers import WandbLogger
+
 from layerdiff.cli import LayerdiffCLI
 from layerdiff.export import save_transparent_vae
 
-RECIPE = ["-c", "configs/transparent_vae.yaml", "-c", "configs/demo/transparent_vae.yaml"]
-REQUIRED_IMPROVEMENT = 5.0
+VAE_RECIPE = ["-c", "configs/transparent_vae.yaml", "-c", "configs/demo/transparent_vae.yaml"]
+DIFFUSION_RECIPE = ["-c", "configs/latent_diffusion.yaml", "-c", "configs/demo/latent_diffusion.yaml"]
+PREDICT_OVERLAY = ["-c", "configs/predict.yaml", "-c", "configs/demo/predict.yaml"]
+REQUIRED_ALPHA_IMPROVEMENT = 5.0
+STAGE_PREFIXES = ("--vae.", "--diffusion.")
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """Route ``--vae.x v`` / ``--diffusion.x v`` to one stage and everything else to both."""
+    stages: dict[str, list[str]] = {prefix: [] for prefix in STAGE_PREFIXES}
+    shared: list[str] = []
+    target = shared
+    for argument in overrides:
+        prefix = next((prefix for prefix in STAGE_PREFIXES if argument.startswith(prefix)), None)
+        if prefix is not None:
+            target = stages[prefix]
+            target.append("--" + argument[len(prefix):])
+        elif argument.startswith("--"):
+            target = shared
+            target.append(argument)
+        else:
+            target.append(argument)  # the value of the previous option
+    return shared + stages["--vae."], shared + stages["--diffusion."]
+
+
+def train_transparent_vae(overrides: list[str]) -> dict:
+    cli = LayerdiffCLI(args=VAE_RECIPE + overrides, run=False)
+    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    root = Path(trainer.default_root_dir)
+    before = trainer.validate(model, datamodule=datamodule)[0]
+    trainer.fit(model, datamodule=datamodule)
+    after = trainer.validate(model, datamodule=datamodule)[0]
+    save_transparent_vae(model.transparent_encoder, model.transparent_decoder, root / "export", metadata=dict(model.hparams))
+    finish_wandb_runs(trainer)
+    return {
+        "root": str(root),
+        "export": str(root / "export"),
+        "steps": trainer.global_step,
+        "alpha_mse_before": before["val/alpha_mse"],
+        "alpha_mse_after": after["val/alpha_mse"],
+        "alpha_mse_improvement": before["val/alpha_mse"] / max(after["val/alpha_mse"], 1e-12),
+        "rgb_psnr_visible_after": after["val/rgb_psnr_visible"],
+        "identity_psnr_after": after["val/identity_psnr"],
+    }
+
+
+def train_latent_diffusion(transparent_vae: str, overrides: list[str]) -> dict:
+    arguments = DIFFUSION_RECIPE + [f"--model.init_args.transparent_vae={transparent_vae}"] + overrides
+    cli = LayerdiffCLI(args=arguments, run=False)
+    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    before = trainer.validate(model, datamodule=datamodule)[0]
+    trainer.fit(model, datamodule=datamodule)
+    after = trainer.validate(model, datamodule=datamodule)[0]
+    checkpoint = Path(trainer.default_root_dir) / "checkpoints" / "final.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    finish_wandb_runs(trainer)
+    return {
+        "root": trainer.default_root_dir,
+        "checkpoint": str(checkpoint),
+        "steps": trainer.global_step,
+        "val_loss_before": before["val/loss"],
+        "val_loss_after": after["val/loss"],
+    }
+
+
+def generate(transparent_vae: str, checkpoint: str, overrides: list[str]) -> str:
+    arguments = ["predict", *DIFFUSION_RECIPE, *PREDICT_OVERLAY, f"--model.init_args.transparent_vae={transparent_vae}"]
+    cli = LayerdiffCLI(args=[*arguments, *overrides, f"--ckpt_path={checkpoint}"])
+    return str(Path(cli.trainer.default_root_dir) / "generated")
+
+
+def finish_wandb_runs(trainer) -> None:
+    """End the stage's W&B run, so that the next stage's logger starts its own."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
 
 
 def run_demo(overrides: list[str]) -> int:
     started = time.perf_counter()
-    cli = LayerdiffCLI(args=RECIPE + overrides, run=False)
-    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-    root = Path(trainer.default_root_dir)
-
-    before = trainer.validate(model, datamodule=datamodule)[0]
-    trainer.fit(model, datamodule=datamodule)
-    after = trainer.validate(model, datamodule=datamodule)[0]
-    export_paths = save_transparent_vae(
-        model.transparent_encoder,
-        model.transparent_decoder,
-        root / "export",
-        metadata=dict(model.hparams),
-    )
-
-    improvement = before["val/alpha_mse"] / max(after["val/alpha_mse"], 1e-12)
+    vae_overrides, diffusion_overrides = split_overrides(overrides)
+    vae = train_transparent_vae(vae_overrides)
+    diffusion = train_latent_diffusion(vae["export"], diffusion_overrides)
+    predictions = generate(vae["export"], diffusion["checkpoint"], diffusion_overrides)
     summary = {
-        "alpha_mse_before": before["val/alpha_mse"],
-        "alpha_mse_after": after["val/alpha_mse"],
-        "alpha_mse_improvement": improvement,
-        "rgb_psnr_visible_after": after["val/rgb_psnr_visible"],
-        "identity_psnr_after": after["val/identity_psnr"],
-        "steps": trainer.global_step,
+        "transparent_vae": vae,
+        "latent_diffusion": diffusion,
+        "predictions": predictions,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (root / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    summary_path = Path(vae["root"]).parent / "demo_summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2))
 
-    print("\n== layerdiff demo: latent transparency on the embedded tiny SDXL ==")
-    print(f"held-out alpha MSE   before {summary['alpha_mse_before']:.4f}  after {summary['alpha_mse_after']:.4f}"
-          f"  ({improvement:.1f}x lower)")
-    print(f"colour PSNR (visible pixels) after training: {summary['rgb_psnr_visible_after']:.2f} dB")
-    print(f"identity PSNR (frozen decoder, adjusted vs plain latent): {summary['identity_psnr_after']:.2f} dB")
-    print(f"pictures:      {root / 'images'}  (step 0 = before, step {trainer.global_step} = after)")
-    print(f"checkpoints:   {root / 'checkpoints'}")
-    print(f"export:        {', '.join(str(path) for path in export_paths)}")
-    print(f"W&B (offline): {root / 'wandb'}   took {summary['seconds']} s")
-    if improvement < REQUIRED_IMPROVEMENT:
-        print(f"FAILED: alpha MSE improved only {improvement:.1f}x (expected at least {REQUIRED_IMPROVEMENT}x)")
+    print("\n== layerdiff demo on the embedded tiny SDXL ==")
+    print("1. latent transparency (transparent VAE)")
+    print(f"   held-out alpha MSE   before {vae['alpha_mse_before']:.4f}  after {vae['alpha_mse_after']:.4f}"
+          f"  ({vae['alpha_mse_improvement']:.1f}x lower)")
+    print(f"   colour PSNR (visible pixels) {vae['rgb_psnr_visible_after']:.2f} dB, identity PSNR "
+          f"(frozen decoder, adjusted vs plain latent) {vae['identity_psnr_after']:.2f} dB")
+    print(f"   pictures {vae['root']}/images (step 0 = before), export {vae['export']}")
+    print("2. diffusion on adjusted latents")
+    print(f"   held-out loss (eq. 7)  before {diffusion['val_loss_before']:.4f}  after {diffusion['val_loss_after']:.4f}")
+    print(f"   samples during training {diffusion['root']}/samples, checkpoint {diffusion['checkpoint']}")
+    print(f"3. text -> RGBA: {predictions} (PNGs with alpha, checkerboard previews, contact_sheet.png)")
+    print(f"summary {summary_path}; W&B offline runs under outputs/demo/*/wandb; took {summary['seconds']} s")
+    if vae["alpha_mse_improvement"] < REQUIRED_ALPHA_IMPROVEMENT:
+        print(f"FAILED: alpha MSE improved only {vae['alpha_mse_improvement']:.1f}x "
+              f"(expected at least {REQUIRED_ALPHA_IMPROVEMENT}x)")
+        return 1
+    if not diffusion["val_loss_after"] < diffusion["val_loss_before"]:
+        print("FAILED: the diffusion stage did not lower the held-out loss")
         return 1
     return 0
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,8 +94,10 @@ class GenerationSettings:
     """Sampling settings shared by a batch of prompts.
 
     Args:
-        width: image width in pixels, a multiple of 64.
-        height: image height in pixels, a multiple of 64.
+        width: image width in pixels, a multiple of 64; ``None`` = the base model's native
+            size (UNet sample size x VAE scale, as diffusers: 1024 for SDXL, 512 for SD1.5,
+            64 for the embedded tiny model).
+        height: image height in pixels, a multiple of 64; ``None`` as for ``width``.
         steps: denoising steps.
         guidance_scale: classifier-free guidance scale (1 = no guidance).
         negative_prompt: what to steer away from; empty = the model's unconditional
@@ -103,15 +105,16 @@ class GenerationSettings:
         scheduler: the sampler, one of ``SCHEDULERS``.
     """
 
-    width: int = 1024
-    height: int = 1024
+    width: int | None = None
+    height: int | None = None
     steps: int = 30
     guidance_scale: float = 7.0
     negative_prompt: str = ""
     scheduler: SchedulerName = "euler"
 
     def __post_init__(self) -> None:
-        check_size(self.width, self.height)
+        # an unset side stands for the native size, checked when resolved
+        check_size(*(SIZE_MULTIPLE if side is None else side for side in (self.width, self.height)))
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1; got {self.steps}")
         if self.scheduler not in SCHEDULERS:
@@ -391,6 +394,12 @@ class TransparentImageGenerator:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt.")
         indices = list(range(len(prompts))) if indices is None else list(indices)
+        native = self.pipeline.unet.config.sample_size * self.pipeline.vae_scale_factor
+        settings = replace(
+            settings,
+            width=native if settings.width is None else settings.width,
+            height=native if settings.height is None else settings.height,
+        )
         self.pipeline.scheduler = make_scheduler(settings.scheduler, self.scheduler_config)
         latents = self.pipeline(
             prompt=list(prompts),

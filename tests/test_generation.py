@@ -367,3 +367,31 @@ def test_sampling_needs_a_module_that_generates(tmp_path):
     with pytest.raises(TypeError, match="image_generator"):
         trainer = Trainer(default_root_dir=tmp_path, logger=False)
         TransparentSamples(prompts=["a cat"]).setup(trainer, LightningModule(), "fit")
+
+
+def test_by_default_samples_follow_validation_at_the_native_size(tiny_sdxl, tiny_transparent_vae, tmp_path):
+    module = make_module(tiny_sdxl, tiny_transparent_vae, caption_dropout=0.0)
+    train = ",".join(write_tiny_shards(tmp_path / "train", 4, sizes=((64, 64),)))
+    val = ",".join(write_tiny_shards(tmp_path / "val", 2, sizes=((64, 64),)))
+    data = ShardDataModule(train, val, batch_size=2, num_workers=0)
+    samples = TransparentSamples(prompts=["a cat"], settings=GenerationSettings(steps=2))
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[samples],
+    )
+    trainer.fit(module, datamodule=data)
+
+    written = sorted(path.name for path in (tmp_path / "samples").iterdir())
+    assert written == ["step_000000.png", "step_000002.png", "step_000004.png"]  # not after the sanity check
+    with Image.open(tmp_path / "samples" / written[0]) as grid:
+        assert grid.size == (64 + 2 * 2, 2 * 64 + 3 * 2)  # the tiny model's native 64 px
