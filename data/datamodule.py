@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerFn
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -48,6 +49,7 @@ from data.schema import (
     sample_kind,
 )
 from data.shards import ShardSpecError, iter_shard_samples, resolve_shards
+from layerdiff.resume import gather_from_ranks
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,10 @@ Item = TypeVar("Item")
 
 class TooManyCorruptMembersError(RuntimeError):
     """More than ``max_corrupt_fraction`` of the samples a worker read were corrupt."""
+
+
+class ShardsChangedError(RuntimeError):
+    """A resumed stream's saved position names samples the shards no longer hold."""
 
 
 @dataclass
@@ -113,21 +119,178 @@ def batches_by_size(
 ) -> Iterator[list[Item]]:
     """Group ``items`` by ``size(item)``; a group is emitted when it holds ``batch_size``
     items, the rest at the end (smallest size first). Order within a group is kept."""
-    buckets: dict[tuple[int, int], list[Item]] = {}
+    buckets = _SizeBuckets(batch_size)
     for item in items:
-        bucket = buckets.setdefault(size(item), [])
-        bucket.append(item)
-        if len(bucket) == batch_size:
-            yield buckets.pop(size(item))
-    for remaining in sorted(buckets):
-        yield buckets[remaining]
+        full = buckets.add(size(item), item)
+        if full is not None:
+            yield full
+    yield from buckets.drain()
+
+
+class _SizeBuckets:
+    """Items grouped by image size until a group holds ``batch_size`` (``batches_by_size``)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.groups: dict[tuple[int, int], list] = {}
+
+    def add(self, size: tuple[int, int], item: Item) -> list[Item] | None:
+        group = self.groups.setdefault(size, [])
+        group.append(item)
+        return self.groups.pop(size) if len(group) == self.batch_size else None
+
+    def drain(self) -> Iterator[list[Item]]:
+        while self.groups:
+            yield self.groups.pop(min(self.groups))
+
+
+# -- where a worker's stream stands, so that a resumed run continues from there --------------
+#
+# A worker's pipeline has three stateful stages: the shard cursor (which shard, how far into it),
+# the shuffle buffer (its samples and its random generator) and the size buckets. After every
+# batch it emits, the worker records their state in the batch (``POSITION``); the DataModule keeps
+# the position of the last batch training consumed from each worker, and a checkpoint stores it.
+# Samples held in the buffer and buckets are recorded by reference (shard, key) and read again on
+# restore, so a position is small and restoring it reads about one shard per buffered shard,
+# however far into the epoch the run was.
+
+POSITION = "stream_position"
+WORKER = "stream_worker"
+SampleRef = tuple[str, str]  # (shard url, sample key)
+
+
+def _ref(members: dict[str, Any]) -> SampleRef:
+    return members["__url__"], members["__key__"]
+
+
+class _ShardCursor:
+    """The raw samples (member dicts) of one consumer's shard sequence, in order.
+
+    ``shards`` is the sequence: a list, or with ``draw`` an endless seeded draw with
+    replacement. With ``keep`` only every ``consumers``-th sample, counted over all shards, is
+    this consumer's (fewer shards than consumers). ``state()`` / ``restore()`` save and restore
+    the place after the last sample yielded.
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        on_damage: Callable[[CorruptMemberError], None],
+        *,
+        draw: np.random.Generator | None = None,
+        keep: tuple[int, int] | None = None,
+    ):
+        self.shards = shards
+        self.on_damage = on_damage
+        self.draw = draw
+        self.keep = keep
+        self.shard_index = -1  # position in the sequence (draws so far, minus one)
+        self.url: str | None = None
+        self.read_in_shard = 0  # raw samples read from ``url``
+        self.read_total = 0  # raw samples read from all shards, for ``keep``
+        self._skip = 0
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "shard_index": self.shard_index,
+            "url": self.url,
+            "read_in_shard": self.read_in_shard,
+            "read_total": self.read_total,
+            "draw": self.draw.bit_generator.state if self.draw is not None else None,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue after the saved sample: the current shard is read again up to there."""
+        self.shard_index, self.url = state["shard_index"], state["url"]
+        self._skip, self.read_total = state["read_in_shard"], state["read_total"]
+        if self.draw is not None:
+            self.draw.bit_generator.state = state["draw"]
+
+    def _next_url(self) -> str | None:
+        if self._skip:  # restored in the middle of a shard: finish that one first
+            return self.url
+        self.shard_index += 1
+        if self.draw is not None:
+            return self.shards[self.draw.integers(len(self.shards))]
+        return self.shards[self.shard_index] if self.shard_index < len(self.shards) else None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while (url := self._next_url()) is not None:
+            self.url, skip, self._skip = url, self._skip, 0
+            self.read_in_shard = 0
+            for members in iter_shard_samples([url], self.on_damage):
+                self.read_in_shard += 1
+                if self.read_in_shard <= skip:
+                    continue  # read before the checkpoint
+                self.read_total += 1
+                if self.keep is None or (self.read_total - 1) % self.keep[1] == self.keep[0]:
+                    yield members
+
+
+class _ShuffleBuffer:
+    """Reservoir-style shuffling of still-encoded samples in a buffer of ``size``; at the end
+    of the input the rest comes out in a random order. ``state()`` records the buffered samples
+    by reference and the generator; ``restore`` takes the samples read back."""
+
+    def __init__(self, size: int, rng: np.random.Generator):
+        self.size = size
+        self.rng = rng
+        self.items: list[dict[str, Any]] = []
+        self.draining: list[dict[str, Any]] | None = None  # the rest, in reverse output order
+
+    def state(self) -> dict[str, Any]:
+        if self.draining is not None:
+            return {"draining": [_ref(item) for item in self.draining]}
+        return {"items": [_ref(item) for item in self.items], "rng": self.rng.bit_generator.state}
+
+    def refs(self, state: dict[str, Any]) -> list[SampleRef]:
+        return [tuple(ref) for ref in state.get("draining", state.get("items"))]
+
+    def restore(self, state: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+        if "draining" in state:
+            self.draining = samples
+        else:
+            self.items = samples
+            self.rng.bit_generator.state = state["rng"]
+
+    def __call__(self, items: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        if self.draining is None:
+            for item in items:
+                if len(self.items) < self.size:
+                    self.items.append(item)
+                    continue
+                index = self.rng.integers(self.size)
+                self.items[index], item = item, self.items[index]
+                yield item
+            self.draining = [self.items[index] for index in self.rng.permutation(len(self.items))][::-1]
+            self.items = []
+        while self.draining:
+            yield self.draining.pop()
+
+
+def read_samples(refs: Iterable[SampleRef]) -> dict[SampleRef, dict[str, Any]]:
+    """The member dicts of the referenced samples, reading each shard they are in once."""
+    wanted: dict[str, set[str]] = {}
+    for url, key in refs:
+        wanted.setdefault(url, set()).add(key)
+    found: dict[SampleRef, dict[str, Any]] = {}
+    for url, keys in wanted.items():
+        for members in iter_shard_samples([url], lambda error: None):
+            if members["__key__"] in keys:
+                found[_ref(members)] = members
+    return found
 
 
 class ShardStream(IterableDataset):
     """The per-worker pipeline of the module docstring; yields batch dicts with uint8 images.
 
     ``kind`` is the kind of sample every sample must be; by default that of the first sample
-    of ``shards`` (``detect_sample_kind``).
+    of ``shards`` (``detect_sample_kind``). With ``track_position`` every batch carries its
+    worker (``WORKER``, the logical worker index) and the stream's position after it
+    (``POSITION``); ``resume_from`` maps logical workers to such positions to continue from,
+    and ``worker_offset`` rotates which DataLoader worker plays which logical worker, so that
+    the DataLoader's round-robin continues with the worker that was next (see
+    ``_EpochDataLoader``).
     """
 
     def __init__(
@@ -144,6 +307,7 @@ class ShardStream(IterableDataset):
         world_size: int,
         max_corrupt_fraction: float,
         kind: SampleKind | None = None,
+        track_position: bool = False,
     ):
         self.shards = list(shards)
         self.batch_size = batch_size
@@ -161,21 +325,96 @@ class ShardStream(IterableDataset):
                 f"require_layers is true, but {self.shards[0]} holds samples of kind {self.kind}, which have "
                 "no layers. Fix: pass `require_layers: false`, or train this objective on image shards."
             )
+        self.track_position = track_position
         self.epoch = 0
+        self.resume_from: dict[int, dict[str, Any]] = {}
+        self.worker_offset = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        consumer, consumers = self.rank * num_workers + worker_id, self.world_size * num_workers
+        logical_worker = (worker_id + self.worker_offset) % num_workers
+        consumer, consumers = self.rank * num_workers + logical_worker, self.world_size * num_workers
         tracker = _CorruptTracker(self.max_corrupt_fraction)
-        members = self._assigned_members(consumer, consumers, tracker)
+        cursor = self._cursor(consumer, consumers, tracker)
+        shuffler = None
         if self.shuffle and self.shuffle_buffer > 1:
-            rng = np.random.default_rng([self.seed, self.epoch, consumer, 1])
-            members = _shuffled(members, self.shuffle_buffer, rng)
-        samples = self._decoded(members, tracker)
-        for batch in batches_by_size(samples, self.batch_size, lambda sample: sample.size):
-            yield self._collate(batch, tracker)
+            shuffler = _ShuffleBuffer(self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, consumer, 1]))
+        buckets = _SizeBuckets(self.batch_size)
+        position = self.resume_from.get(logical_worker)
+        if position is not None:
+            self._restore(position, cursor, shuffler, buckets, tracker)
+
+        def emit(samples: list) -> dict[str, Any]:
+            batch = self._collate(samples, tracker)
+            if self.track_position:
+                batch[WORKER] = logical_worker
+                batch[POSITION] = {
+                    "cursor": cursor.state(),
+                    "shuffle": shuffler.state() if shuffler is not None else None,
+                    "buckets": [[list(size), [(sample.url, sample.key) for sample in group]]
+                                for size, group in buckets.groups.items()],
+                    "seen": tracker.seen,
+                    "corrupt": tracker.corrupt,
+                }
+            return batch
+
+        members = shuffler(cursor) if shuffler is not None else iter(cursor)
+        for sample in self._decoded(members, tracker):
+            full = buckets.add(sample.size, sample)
+            if full is not None:
+                yield emit(full)
+        for rest in buckets.drain():
+            yield emit(rest)
         tracker.check()
+
+    def _cursor(self, consumer: int, consumers: int, tracker: _CorruptTracker) -> _ShardCursor:
+        def shard_damaged(error: CorruptMemberError) -> None:
+            tracker.seen += 1
+            tracker.record(error)
+
+        if self.resample:
+            draw = np.random.default_rng([self.seed, self.epoch, consumer, 0])
+            return _ShardCursor(self.shards, shard_damaged, draw=draw)
+        order = self.shards
+        if self.shuffle:  # the same order on every consumer, so that splitting it is a partition
+            order = [order[i] for i in np.random.default_rng([self.seed, self.epoch]).permutation(len(order))]
+        if len(order) >= consumers:
+            return _ShardCursor(order[consumer::consumers], shard_damaged)
+        # Every consumer reads every shard; damage to a whole shard is reported by consumer 0 only.
+        return _ShardCursor(order, shard_damaged if consumer == 0 else lambda error: None, keep=(consumer, consumers))
+
+    def _restore(
+        self,
+        position: dict[str, Any],
+        cursor: _ShardCursor,
+        shuffler: _ShuffleBuffer | None,
+        buckets: _SizeBuckets,
+        tracker: _CorruptTracker,
+    ) -> None:
+        """Put the pipeline where it was after the batch ``position`` was recorded with."""
+        buffered = shuffler.refs(position["shuffle"]) if shuffler is not None else []
+        bucketed = [(tuple(size), [tuple(ref) for ref in refs]) for size, refs in position["buckets"]]
+        wanted = buffered + [ref for _, refs in bucketed for ref in refs]
+        samples = read_samples(wanted)
+        missing = [ref for ref in wanted if ref not in samples]
+        if missing:
+            raise ShardsChangedError(
+                f"cannot resume the data stream: sample {missing[0][1]!r} of shard {missing[0][0]} (and "
+                f"{len(missing) - 1} more) is gone: the shards changed since the checkpoint was written. Resume "
+                "with the shards it was trained on (same train_shards, same files)."
+            )
+        if shuffler is not None:
+            shuffler.restore(position["shuffle"], [samples[ref] for ref in buffered])
+        for size, refs in bucketed:
+            buckets.groups[size] = [self._decode(samples[ref]) for ref in refs]
+        cursor.restore(position["cursor"])
+        tracker.seen, tracker.corrupt = position["seen"], position["corrupt"]
+
+    def _decode(self, members: dict[str, Any]) -> LayerSample | CachedSample:
+        if self.kind.cached:
+            return decode_cached_sample(members)
+        return decode_sample(members, decode_layers=self.require_layers, require_layers=self.require_layers)
 
     def _decoded(
         self, members: Iterator[dict[str, Any]], tracker: _CorruptTracker
@@ -185,38 +424,11 @@ class ShardStream(IterableDataset):
             if sample_kind(sample_members) != self.kind:
                 raise kind_mismatch(sample_members, self.kind, f"the first sample of {self.shards[0]}")
             try:
-                if self.kind.cached:
-                    sample = decode_cached_sample(sample_members)
-                else:
-                    sample = decode_sample(
-                        sample_members, decode_layers=self.require_layers, require_layers=self.require_layers
-                    )
+                sample = self._decode(sample_members)
             except CorruptMemberError as error:
                 tracker.record(error)
                 continue
             yield sample
-
-    def _assigned_members(self, consumer: int, consumers: int, tracker: _CorruptTracker) -> Iterator[dict[str, Any]]:
-        def shard_damaged(error: CorruptMemberError) -> None:
-            tracker.seen += 1
-            tracker.record(error)
-
-        if self.resample:
-            rng = np.random.default_rng([self.seed, self.epoch, consumer, 0])
-            endless = (self.shards[rng.integers(len(self.shards))] for _ in itertools.count())
-            yield from iter_shard_samples(endless, shard_damaged)
-            return
-        order = self.shards
-        if self.shuffle:  # the same order on every consumer, so that splitting it is a partition
-            order = [order[i] for i in np.random.default_rng([self.seed, self.epoch]).permutation(len(order))]
-        if len(order) >= consumers:
-            yield from iter_shard_samples(order[consumer::consumers], shard_damaged)
-            return
-        # Every consumer reads every shard; damage to a whole shard is reported by consumer 0 only.
-        on_damage = shard_damaged if consumer == 0 else lambda error: None
-        for index, members in enumerate(iter_shard_samples(order, on_damage)):
-            if index % consumers == consumer:
-                yield members
 
     def _collate(self, samples: list[LayerSample] | list[CachedSample], tracker: _CorruptTracker) -> dict[str, Any]:
         batch: dict[str, Any] = {
@@ -244,19 +456,6 @@ class ShardStream(IterableDataset):
         batch["corrupt_skipped"] = torch.tensor(len(skipped), dtype=torch.int64)
         batch[CORRUPT_MEMBERS] = skipped
         return batch
-
-
-def _shuffled(items: Iterator[Any], buffer_size: int, rng: np.random.Generator) -> Iterator[Any]:
-    buffer: list[Any] = []
-    for item in items:
-        if len(buffer) < buffer_size:
-            buffer.append(item)
-            continue
-        index = rng.integers(buffer_size)
-        buffer[index], item = item, buffer[index]
-        yield item
-    for index in rng.permutation(len(buffer)):
-        yield buffer[index]
 
 
 def _channels_first(images: list[np.ndarray]) -> torch.Tensor:
@@ -298,27 +497,104 @@ def to_unit_float(batch: dict[str, Any], *, pin_memory: bool = False) -> dict[st
     return batch
 
 
-class _EpochDataLoader(DataLoader):
-    """Runs a ``ShardStream``; each pass starts the next epoch and images arrive as float.
+@dataclass
+class StreamProgress:
+    """How far one rank's training stream got in an epoch, as far as training consumed it.
 
-    Each pass tells the stream its epoch, so shuffling differs per epoch; workers
-    are not persistent, so each pass pickles the dataset afresh with that epoch.
-    Images cross from the workers as uint8 and become float here (``to_unit_float``),
-    in pinned memory when ``pin_memory``.
+    ``positions`` maps each logical worker to its stream's position after the last batch
+    training took from it; ``last_worker`` produced the last of those batches; ``complete``
+    says every batch of the epoch was consumed.
     """
 
-    def __init__(self, dataset: ShardStream, *, first_epoch: int, num_workers: int, pin_memory: bool):
-        super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False)
-        self.epoch = first_epoch
+    epoch: int = 0
+    positions: dict[int, dict[str, Any]] = field(default_factory=dict)
+    last_worker: int | None = None
+    complete: bool = False
+
+    def to_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "positions": self.positions, "last_worker": self.last_worker,
+                "complete": self.complete}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> StreamProgress:
+        return cls(int(state["epoch"]), {int(worker): position for worker, position in state["positions"].items()},
+                   state["last_worker"], bool(state["complete"]))
+
+
+class _EpochDataLoader(DataLoader):
+    """Runs a ``ShardStream`` one epoch per pass; images arrive as float.
+
+    Each pass tells the stream its epoch, so shuffling differs per epoch: the trainer's
+    ``current_epoch`` while fitting (``fit_epoch``), else the next in this loader's own count.
+    Workers are not persistent, so each pass pickles the dataset afresh with that epoch.
+    Images cross from the workers as uint8 and become float here (``to_unit_float``), in pinned
+    memory when ``pin_memory``.
+
+    A training loader also keeps the ``StreamProgress`` of its pass (``consume`` records each
+    batch training takes). A pass over the epoch of ``resume`` continues from there: every
+    worker from its position, and worker indices rotated so that torch's round-robin over the
+    workers asks the one that was next first. The DataLoader draws worker seeds from its own
+    generator, never from the global RNG, so starting a pass does not move training's streams.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardStream,
+        *,
+        num_workers: int,
+        pin_memory: bool,
+        fit_epoch: Callable[[], int | None] = lambda: None,
+        resume: StreamProgress | None = None,
+    ):
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                         generator=torch.Generator().manual_seed(dataset.seed))
         self.pin_float_images = pin_memory
+        self.fit_epoch = fit_epoch
+        self.resume = resume
+        self.progress = resume if resume is not None else StreamProgress(complete=True, epoch=-1)
+        self._yielded = self._consumed = 0
+        self._exhausted = False
+
+    def _start_pass(self) -> int:
+        """The epoch of the pass now starting; sets up resuming when it is the saved one."""
+        epoch = self.fit_epoch()
+        if epoch is None:
+            epoch = self.progress.epoch + 1 if self.progress.complete else self.progress.epoch
+        resume, self.resume = self.resume, None
+        self.dataset.resume_from, self.dataset.worker_offset = {}, 0
+        if resume is not None and resume.epoch == epoch:
+            self.dataset.resume_from = resume.positions
+            if resume.last_worker is not None:
+                self.dataset.worker_offset = (resume.last_worker + 1) % max(self.num_workers, 1)
+            self.progress = resume
+        else:
+            self.progress = StreamProgress(epoch)
+        self.dataset.epoch = epoch
+        self._yielded = self._consumed = 0
+        self._exhausted = False
+        return epoch
+
+    def consume(self, worker: int, position: dict[str, Any]) -> None:
+        self.progress.positions[worker] = position
+        self.progress.last_worker = worker
+        self._consumed += 1
+        self._mark_complete()
+
+    def _mark_complete(self) -> None:
+        if self._exhausted and self._consumed == self._yielded:
+            self.progress.complete = True
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.dataset.epoch = self.epoch
-        self.epoch += 1
+        self._start_pass()
+        if self.progress.complete:  # resumed after the epoch's last batch: nothing is left of it
+            return
         batches = super().__iter__()
         try:
             for batch in batches:
+                self._yielded += 1
                 yield to_unit_float(batch, pin_memory=self.pin_float_images)
+            self._exhausted = True
+            self._mark_complete()
         finally:
             # A worker's exception leaves torch's iterator in a reference cycle, so its workers
             # would be shut down only by a later garbage collection, which then stalls ~5 s.
@@ -408,7 +684,7 @@ class ShardDataModule(pl.LightningDataModule):
         self._val_urls: list[str] | None = None
         self._train_kind = self._val_kind = IMAGE_KIND
         self._train_loader: _EpochDataLoader | None = None
-        self._next_epoch = 0
+        self._resume: StreamProgress | None = None
         self._corrupt_skipped = 0
 
     @property
@@ -439,10 +715,23 @@ class ShardDataModule(pl.LightningDataModule):
         if self._train_urls is None:
             self.setup("fit")
         stream = self._stream(self._train_urls, self._train_kind, self.batch_size, training=True)
+        # A new loader continues where the last one (or the restored checkpoint) stopped.
+        resume = self._train_loader.progress if self._train_loader is not None else self._resume
         self._train_loader = _EpochDataLoader(
-            stream, first_epoch=self._next_epoch, num_workers=self.num_workers, pin_memory=torch.cuda.is_available()
+            stream,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            fit_epoch=self._fit_epoch,
+            resume=resume,
         )
+        self._resume = None
         return self._train_loader
+
+    def _fit_epoch(self) -> int | None:
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            return trainer.current_epoch
+        return None
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_shards:
@@ -450,12 +739,17 @@ class ShardDataModule(pl.LightningDataModule):
         if self._val_urls is None:
             self.setup("validate")
         stream = self._stream(self._val_urls, self._val_kind, self.val_batch_size, training=False)
-        return _EpochDataLoader(
-            stream, first_epoch=0, num_workers=self.num_workers, pin_memory=torch.cuda.is_available()
-        )
+        return _EpochDataLoader(stream, num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Add the batch's skipped corrupt members to the running total; warn about the first few."""
+        """Record a training batch's stream position; add its skipped corrupt members to the
+        running total and warn about the first few.
+
+        Lightning calls this for the batch a step is about to train on (after any prefetch),
+        so the recorded positions are exactly what training consumed.
+        """
+        if isinstance(batch, dict) and POSITION in batch:
+            self._train_loader.consume(batch.pop(WORKER), batch.pop(POSITION))
         if isinstance(batch, dict) and CORRUPT_MEMBERS in batch:
             for description in batch.pop(CORRUPT_MEMBERS):
                 self._corrupt_skipped += 1
@@ -469,14 +763,35 @@ class ShardDataModule(pl.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        epoch = self._train_loader.epoch if self._train_loader is not None else self._next_epoch
-        return {"epoch": epoch, "corrupt_skipped": self._corrupt_skipped}
+        """Every rank's ``StreamProgress`` and corrupt count (a collective: every rank calls it when
+        a checkpoint is written, rank 0 writes them all)."""
+        progress = self._train_loader.progress if self._train_loader is not None else self._resume
+        local = {
+            "progress": (progress or StreamProgress(complete=True, epoch=-1)).to_state(),
+            "num_workers": self.num_workers,
+            "corrupt_skipped": self._corrupt_skipped,
+        }
+        return {"ranks": gather_from_ranks(local)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._next_epoch = int(state_dict.get("epoch", 0))
-        self._corrupt_skipped = int(state_dict.get("corrupt_skipped", 0))
-        if self._train_loader is not None:
-            self._train_loader.epoch = self._next_epoch
+        rank, world_size = self._rank_and_world_size()
+        ranks = state_dict["ranks"]
+        saved = ranks[rank] if rank < len(ranks) else ranks[0]
+        self._corrupt_skipped = int(saved["corrupt_skipped"])
+        progress = StreamProgress.from_state(saved["progress"])
+        if (len(ranks), saved["num_workers"]) != (world_size, self.num_workers) and progress.positions:
+            if rank == 0:
+                warnings.warn(
+                    f"The checkpoint's data position was recorded with {len(ranks)} rank(s) x "
+                    f"{saved['num_workers']} worker(s), this run has {world_size} x {self.num_workers}: the shards "
+                    f"split differently, so epoch {progress.epoch} restarts from its beginning (samples already "
+                    "seen in it are seen again). Resume with the same devices, nodes and num_workers to continue "
+                    "exactly where the run stopped.",
+                    stacklevel=2,
+                )
+            progress = StreamProgress(progress.epoch)
+        self._resume = progress
+        self._train_loader = None
 
     def _stream(self, urls: list[str], kind: SampleKind, batch_size: int, *, training: bool) -> ShardStream:
         rank, world_size = self._rank_and_world_size()
@@ -492,6 +807,7 @@ class ShardDataModule(pl.LightningDataModule):
             world_size=world_size,
             max_corrupt_fraction=self.max_corrupt_fraction,
             kind=kind,
+            track_position=training,
         )
 
     def _rank_and_world_size(self) -> tuple[int, int]:

@@ -45,8 +45,9 @@ from data.schema import (
     sample_kind,
     schema_error,
 )
-from data.shards import ShardWriter, _write_atomically, iter_shard_samples, resolve_shards
+from data.shards import ShardWriter, iter_shard_samples, resolve_shards
 from layerdiff.export import load_transparency_models
+from layerdiff.files import write_atomically
 from layerdiff.models import codec
 from layerdiff.models.base import freeze, load_text_encoders, load_vae
 from layerdiff.models.text import encode_prompts
@@ -310,7 +311,7 @@ def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
 
 def _write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     manifest["num_samples"] = sum(entry["samples"] for entry in manifest["shards"].values())
-    _write_atomically(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
+    write_atomically(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
 
 
 def _copy_attribution(urls: list[str], out_dir: Path) -> None:

@@ -30,6 +30,7 @@ import webdataset
 from webdataset.tariterators import base_plus_ext
 
 from data.schema import METADATA, SCHEMA_VERSION, CorruptMemberError, corrupt_member
+from layerdiff.files import fsync_directory, write_atomically
 from layerdiff.paths import EMBEDDED_PREFIX
 
 SHARD_NAME = "shard-{index:06d}.tar"
@@ -245,7 +246,7 @@ class ShardWriter:
             if old.name not in written:
                 old.unlink()
         self.manifest.extra.update(extra)
-        _write_atomically(self.out_dir / INDEX_NAME, json.dumps(self.manifest.to_json(), indent=2).encode("utf-8"))
+        write_atomically(self.out_dir / INDEX_NAME, json.dumps(self.manifest.to_json(), indent=2).encode("utf-8"))
         return self.manifest
 
     def _shard_path(self) -> Path:
@@ -264,7 +265,7 @@ class ShardWriter:
         self._file = None
         final = self._shard_path()
         os.replace(self._temporary_path(), final)
-        _fsync_directory(self.out_dir)
+        fsync_directory(self.out_dir)
         self.manifest.shards.append(ShardInfo(final.name, self._in_shard, final.stat().st_size))
 
     def _discard(self) -> None:
@@ -276,24 +277,3 @@ class ShardWriter:
 
 def _padding(size: int) -> bytes:
     return bytes(-size % tarfile.BLOCKSIZE)
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform can open a directory.
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

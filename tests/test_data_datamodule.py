@@ -12,7 +12,7 @@ import torch
 from test_data_support import rgb_png, truncated_foreground, write_tiny_shards
 
 from data import ShardDataModule
-from data.datamodule import CORRUPT_MEMBERS, ShardStream, TooManyCorruptMembersError
+from data.datamodule import CORRUPT_MEMBERS, ShardsChangedError, ShardStream, TooManyCorruptMembersError
 from data.schema import FOREGROUND, SchemaError
 from data.shards import ShardSpecError
 
@@ -159,7 +159,95 @@ def test_epoch_counter_is_saved_and_restored(tmp_path):
     second_epoch = _keys(_epoch(module, loader))
     restored = ShardDataModule(str(tmp_path), batch_size=4, num_workers=0)
     restored.load_state_dict(state)
-    assert state["epoch"] == 1 and _keys(_epoch(restored)) == second_epoch
+    assert state["ranks"][0]["progress"]["epoch"] == 0 and state["ranks"][0]["progress"]["complete"]
+    assert _keys(_epoch(restored)) == second_epoch
+
+
+def _batches_from(module: ShardDataModule, count: int | None = None) -> list[list[str]]:
+    """The keys of the next ``count`` batches training takes (all of the epoch when None)."""
+    loader = module.train_dataloader()
+    taken = []
+    for batch in loader:
+        taken.append(module.on_before_batch_transfer(batch, 0)["key"])
+        if count is not None and len(taken) == count:
+            break
+    return taken
+
+
+@pytest.mark.parametrize(
+    "num_workers, shards, resample, stops",
+    [(0, 4, False, range(0, 9)),  # every batch of an epoch, incl. before the first and after the last
+     (2, 4, False, (1, 2, 5)),  # the resumed round-robin continues with the worker that was next
+     (2, 1, False, (3,)),  # fewer shards than workers: both read the one shard, keeping every other sample
+     (2, 4, True, (4,))],  # endless draws with replacement
+)
+def test_a_restored_stream_continues_with_the_same_batches(tmp_path, num_workers, shards, resample, stops):
+    # Two sizes (two buckets), a shuffle buffer spanning shards, and corrupt members in the stream.
+    damage = {5: {FOREGROUND: b"junk"}, 17: {FOREGROUND: truncated_foreground()}}
+    write_tiny_shards(tmp_path, 24, per_shard=24 // shards, sizes=((32, 32), (32, 48)), damage=damage)
+    settings = dict(batch_size=3, num_workers=num_workers, shuffle_buffer=5, seed=3, resample=resample,
+                    max_corrupt_fraction=0.5)
+    epoch_length = 8
+
+    def run(stop: int | None) -> list[list[str]]:
+        module = ShardDataModule(str(tmp_path), **settings)
+        first = _batches_from(module, epoch_length if resample else None)
+        assert len(first) == epoch_length
+        if stop is None:
+            return first + _batches_from(module, epoch_length if resample else None)
+        module = ShardDataModule(str(tmp_path), **settings)
+        before = _batches_from(module, stop) if stop else []
+        state = module.state_dict()
+        resumed = ShardDataModule(str(tmp_path), **settings)
+        resumed.load_state_dict(state)
+        rest = [] if resample else _batches_from(resumed)  # the rest of the epoch...
+        if resample:
+            rest = _batches_from(resumed, epoch_length - stop)
+        return before + rest + _batches_from(resumed, epoch_length if resample else None)  # ...and the next
+
+    uninterrupted = run(None)
+    if not resample:
+        expected = sorted(f"sample-{i:04d}" for i in range(24) if i not in damage)
+        assert sorted(key for batch in uninterrupted[:epoch_length] for key in batch) == expected
+    for stop in stops:
+        assert run(stop) == uninterrupted, f"resumed after {stop} batches"
+
+
+def test_a_restored_stream_reports_each_corrupt_member_once(tmp_path):
+    write_tiny_shards(tmp_path, 12, per_shard=4, damage={1: {FOREGROUND: b"junk"}, 9: {FOREGROUND: b"junk"}})
+    settings = dict(batch_size=2, num_workers=0, shuffle_buffer=3, max_corrupt_fraction=0.5)
+    counted_before_the_stop = set()
+    for stop in range(1, 5):
+        module = ShardDataModule(str(tmp_path), **settings)
+        _batches_from(module, stop)
+        counted_before_the_stop.add(module.corrupt_skipped)
+        resumed = ShardDataModule(str(tmp_path), **settings)
+        resumed.load_state_dict(module.state_dict())
+        _batches_from(resumed)
+        assert resumed.corrupt_skipped == 2, f"resumed after {stop} batches"
+    assert counted_before_the_stop >= {1, 2}  # stops before and after the corrupt members
+
+
+def test_another_worker_count_restarts_the_epoch_with_a_warning(tmp_path):
+    write_tiny_shards(tmp_path, 12, per_shard=4)
+    module = ShardDataModule(str(tmp_path), batch_size=2, num_workers=0)
+    _batches_from(module, 2)
+    resumed = ShardDataModule(str(tmp_path), batch_size=2, num_workers=2)
+    with pytest.warns(UserWarning, match=r"1 rank\(s\) x 0 worker\(s\).*1 x 2.*epoch 0 restarts"):
+        resumed.load_state_dict(module.state_dict())
+    assert len([key for batch in _batches_from(resumed) for key in batch]) == 12
+
+
+def test_shards_that_changed_since_the_checkpoint_are_named(tmp_path):
+    write_tiny_shards(tmp_path, 12, per_shard=4)
+    module = ShardDataModule(str(tmp_path), batch_size=2, num_workers=0, shuffle_buffer=4)
+    _batches_from(module, 2)
+    state = module.state_dict()
+    write_tiny_shards(tmp_path, 12, per_shard=6)  # re-written: other samples in the shards
+    resumed = ShardDataModule(str(tmp_path), batch_size=2, num_workers=0, shuffle_buffer=4)
+    resumed.load_state_dict(state)
+    with pytest.raises(ShardsChangedError, match=r"sample 'sample-\d+' of shard .*shard-00000\d.tar.*is gone"):
+        _batches_from(resumed)
 
 
 class _BatchRecorder(pl.LightningModule):
@@ -190,7 +278,10 @@ def test_trains_under_lightning_with_the_exact_batch_keys(tmp_path):
     trainer.fit(model, datamodule=module)
     assert model.seen and all(keys == BATCH_KEYS for keys in model.seen)
     assert module.corrupt_skipped == 2  # one per epoch
-    assert module.state_dict()["epoch"] == 2
+    assert module.state_dict()["ranks"][0]["progress"] == {
+        "epoch": 1, "positions": module.state_dict()["ranks"][0]["progress"]["positions"], "last_worker": 0,
+        "complete": True,
+    }
 
 
 def test_constructor_signature_is_a_config_schema():

@@ -78,6 +78,8 @@ class LatentDiffusionModule(FrozenBaseModule):
             when generating with ``train.py predict`` (not in training or its samples).
         decode_augmentation: decode generated latents with the released 8-way flip/rotation
             median (slower, cleaner alpha).
+        max_non_finite_steps: consecutive steps with a non-finite loss or gradient (each
+            skipped, with no update) after which training stops with an error.
     """
 
     frozen_prefixes = ("vae.", "transparent_encoder.", "transparent_decoder.", "text_encoder_modules.")
@@ -104,8 +106,9 @@ class LatentDiffusionModule(FrozenBaseModule):
         seed: int = 0,
         community_loras: list[CommunityLora] | None = None,
         decode_augmentation: bool = False,
+        max_non_finite_steps: int = 5,
     ) -> None:
-        super().__init__()
+        super().__init__(max_non_finite_steps=max_non_finite_steps)
         if lora_rank is not None and lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, or null for a full fine-tune; got {lora_rank}")
         if not 0.0 <= caption_dropout <= 1.0:
@@ -216,8 +219,10 @@ class LatentDiffusionModule(FrozenBaseModule):
         if not self._noise_generator_restored:
             self.noise_generator.manual_seed(rank_seed(self.hparams.seed, self.global_rank))
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         loss = self.compute_loss(batch, self.noise_generator)["loss"]
+        if self.skip_non_finite({"diffusion": loss}):
+            return None  # Lightning then skips backward and the update
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["caption"]))
         return loss
 
@@ -246,6 +251,7 @@ class LatentDiffusionModule(FrozenBaseModule):
         checkpoint["noise_generator_states"] = states.cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         states = checkpoint.get("noise_generator_states")
         world_size = self.trainer.world_size if self._trainer is not None else 1
         if states is not None and len(states) == world_size:

@@ -60,6 +60,8 @@ class TransparentVAEModule(FrozenBaseModule):
         gradient_checkpointing: recompute decoder activations in backward to save memory.
         validation_augmentation: decode with the 8-way flip/rotation median in validation,
             as released inference does.
+        max_non_finite_steps: consecutive steps with a non-finite loss or gradient (each
+            skipped, with no update) after which training stops with an error.
     """
 
     frozen_prefixes = ("vae.", "lpips.")
@@ -91,8 +93,9 @@ class TransparentVAEModule(FrozenBaseModule):
         gradient_clip_norm: float | None = 1.0,
         gradient_checkpointing: bool = False,
         validation_augmentation: bool = False,
+        max_non_finite_steps: int = 5,
     ) -> None:
-        super().__init__()
+        super().__init__(max_non_finite_steps=max_non_finite_steps)
         if perceptual_weight > 0 and lpips_weights is None:
             raise ValueError(
                 "perceptual_weight > 0 needs LPIPS weights on disk: set model.init_args.lpips_weights "
@@ -201,6 +204,12 @@ class TransparentVAEModule(FrozenBaseModule):
             identity_weight=hp.identity_weight,
             adversarial_weight=hp.adversarial_weight,
         )
+        terms = {"reconstruction": reconstruction, "identity": identity}
+        if adversarial is not None:
+            terms["adversarial"] = adversarial
+        if self.skip_non_finite(terms):
+            self.untoggle_optimizer(generator_optimizer)
+            return
         generator_optimizer.zero_grad(set_to_none=True)
         self.manual_backward(generator_loss)
         self._clip_and_step(generator_optimizer)
@@ -222,6 +231,9 @@ class TransparentVAEModule(FrozenBaseModule):
         discriminator_loss = losses.hinge_discriminator_loss(
             self.discriminator(real * 2 - 1), self.discriminator(fake.detach() * 2 - 1)
         )
+        if self.skip_non_finite({"discriminator": discriminator_loss}):
+            self.untoggle_optimizer(discriminator_optimizer)
+            return
         discriminator_optimizer.zero_grad(set_to_none=True)
         self.manual_backward(discriminator_loss)
         self._clip_and_step(discriminator_optimizer, counts_as_step=False)

@@ -1,0 +1,53 @@
+"""What a checkpoint must hold beyond weights and optimizer state so that a resumed run
+continues exactly as an uninterrupted one would: every rank's random-number generators (and,
+in ``data.datamodule``, every rank's data position).
+
+Lightning writes a checkpoint from rank 0, but every rank builds its contents, so per-rank
+state is gathered into one list that rank 0 writes and each rank reads its own entry from.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def gather_from_ranks(value: Any) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order; a collective when distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def capture_rng_states() -> dict[str, Any]:
+    """The global generators this process draws from: Python's, numpy's, torch's CPU one and
+    those of every CUDA device (dropout, and anything else that does not take a generator).
+
+    Only types that ``torch.load(weights_only=True)`` accepts, as Lightning loads checkpoints so.
+    """
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    numpy_state = states["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
