@@ -1,16 +1,21 @@
-"""Lightning callbacks: image logging and run monitoring."""
+"""Lightning callbacks: images and samples, EMA, prediction writing, and run monitoring."""
 
 from callbacks.data_health import CorruptSampleMonitor
 from callbacks.ema import EMA, averaged_weights_of
 from callbacks.image_logger import TransparentReconstructionImages
+from callbacks.output_check import OutputDirectoryCheck, OutputDirectoryError
 from callbacks.rgba_writer import RGBAPredictionWriter
 from callbacks.sample_images import TransparentSamples
+from callbacks.throughput import TrainingThroughput
 
 __all__ = [
     "EMA",
     "CorruptSampleMonitor",
+    "OutputDirectoryCheck",
+    "OutputDirectoryError",
     "RGBAPredictionWriter",
     "TransparentReconstructionImages",
+    "TrainingThroughput",
     "TransparentSamples",
     "averaged_weights_of",
 ]

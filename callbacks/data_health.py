@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 
 class CorruptSampleMonitor(Callback):
-    """Log the running count of corrupt members the DataModule skipped as ``data/corrupt_skipped``.
+    """Log ``data/corrupt_skipped``, the running count of corrupt members the DataModule skipped,
+    summed over all ranks (and, within each, over all loader workers), every
+    ``log_every_n_steps`` steps, to the progress bar and the loggers.
 
-    The count lives on the DataModule (``ShardDataModule.corrupt_skipped``), fed by every
-    loader worker through the batches, so it is exact with any ``num_workers``.
+    The count lives on the DataModule (``ShardDataModule.corrupt_skipped``), fed by every loader
+    worker through the batches and kept in checkpoints, so it is exact with any ``num_workers``
+    and across resumes.
     """
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         datamodule = trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "corrupt_skipped"):
-            pl_module.log("data/corrupt_skipped", float(datamodule.corrupt_skipped), prog_bar=True)
+        if datamodule is None or not hasattr(datamodule, "corrupt_skipped"):
+            return
+        if trainer.global_step % trainer.log_every_n_steps:
+            return  # the same steps on every rank, so the sum below is a collective all of them join
+        local = torch.tensor(float(datamodule.corrupt_skipped), device=pl_module.device)
+        total = trainer.strategy.reduce(local, reduce_op="sum")
+        pl_module.log("data/corrupt_skipped", total, prog_bar=True, rank_zero_only=True)
