@@ -201,10 +201,12 @@ def main() -> None:
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the ``## Data pipeline`` section of ``path``, keeping other sections."""
+    """Replace (or append) the section of ``path`` whose heading is ``section``'s first line,
+    keeping the other sections."""
+    title = section.splitlines()[0]
     default = "# Benchmarks\n\nMeasured results, one section per area.\n"
     text = path.read_text(encoding="utf-8") if path.exists() else default
-    pattern = re.compile(rf"^{re.escape(SECTION_TITLE)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text, count=1)
     else:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from benchmarks.data_throughput import BENCHMARKS_FILE, machine_description
+from benchmarks.data_throughput import BENCHMARKS_FILE, machine_description, write_section
 from data.datamodule import ShardDataModule
 from data.latent_cache import LatentCacheEncoder, cache_latents
 from data.shards import resolve_shards
@@ -159,18 +158,6 @@ def main() -> None:
     if not args.no_write:
         write_section(BENCHMARKS_FILE, section)
         print(f"updated {BENCHMARKS_FILE}")
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the section of ``path`` whose heading is ``section``'s first line."""
-    title = section.splitlines()[0]
-    text = path.read_text(encoding="utf-8")
-    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
