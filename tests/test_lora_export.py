@@ -32,7 +32,7 @@ from layerdiff.export_lora import (
     save_diffusers_lora,
     save_forge_lora,
 )
-from layerdiff.models.base import load_unet
+from layerdiff.models.base import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, load_unet
 from layerdiff.modules import LatentDiffusionModule
 from layerdiff.modules.latent_diffusion import LORA_ADAPTER, RELEASED_LORA_TARGETS
 
@@ -43,26 +43,6 @@ FORGE_KEY = re.compile(
     r"^diffusion_model\.(input_blocks\.\d+\.1|middle_block\.1|output_blocks\.\d+\.1)"
     r"\.transformer_blocks\.\d+\.attn[12]\.to_(q|k|v|out\.0)\.weight::lora::[01]$"
 )
-SDXL_UNET_CONFIG = {
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "block_out_channels": (320, 640, 1280),
-    "layers_per_block": 2,
-    "transformer_layers_per_block": (1, 2, 10),
-    "attention_head_dim": (5, 10, 20),
-    "cross_attention_dim": 2048,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-}
-SD15_UNET_CONFIG = {
-    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    "layers_per_block": 2,
-}
-
-
 def adapted_unet(model: Path, lora_alpha: float, seed: int) -> UNet2DConditionModel:
     """The model's UNet with a rank-4 adapter on the released targets and random factors."""
     unet = load_unet(str(model))

@@ -46,6 +46,29 @@ MODEL_CONFIG_FILE = "config.json"
 SCHEDULER_CONFIG_FILE = "scheduler_config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
+# The released UNets' architectures (diffusers ``UNet2DConditionModel`` arguments beyond the
+# defaults), for random-init models of the real shape: key-layout tests and benchmarks.
+SDXL_UNET_CONFIG = {
+    "sample_size": 128,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),  # read by diffusers as heads per level (64 channels each)
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+SD15_UNET_CONFIG = {
+    "sample_size": 64,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "layers_per_block": 2,
+}
+
 # (tokenizer, text encoder) subfolder pairs in pipeline order: SD1.5 has the first, SDXL both.
 TEXT_ENCODER_SUBFOLDERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
