@@ -19,77 +19,25 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
-import re
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
+from benchmarks.common import Timing, best_timings, machine_description, report, timed
 from data.datamodule import ShardDataModule
 from data.demo import DemoJob, make_demo_sample, split_codepoints, write_demo
 from data.shards import resolve_shards
 from data.writer import write_folder
 
-BENCHMARKS_FILE = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 SECTION_TITLE = "## Data pipeline"
 LOADER_WORKERS = (0, 1, 2)
 WRITER_WORKERS = (1, 2)
-
-
-def machine_description() -> str:
-    """``"2-core CPU, AMD EPYC, no GPU"``."""
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()}-core CPU, {model}, {gpu}"
-
-
-@dataclass
-class Timing:
-    """``items`` done in ``seconds``; loaders exclude their ``startup``, the wait for the first batch."""
-
-    items: int
-    seconds: float
-    startup: float = 0.0
-
-    @property
-    def rate(self) -> float:
-        return self.items / self.seconds
-
-
-def timed(run: Callable[[], int]) -> Timing:
-    """Time ``run`` (it returns its item count) from start to end."""
-    started = time.perf_counter()
-    items = run()
-    return Timing(items, time.perf_counter() - started)
-
-
-def best_timings(runs: dict[Any, Callable[[], Timing]], repeats: int) -> dict[Any, Timing]:
-    """The fastest of ``repeats`` timings of each run.
-
-    The runs take turns, so load from other processes on a shared machine hits them alike.
-    """
-    best: dict[Any, Timing] = {}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            timing = run()
-            if name not in best or timing.rate > best[name].rate:
-                best[name] = timing
-    return best
 
 
 def raw_decode(shards: list[str], members: tuple[str, ...]) -> int:
@@ -194,24 +142,7 @@ def main() -> None:
         "rows add passing batches between processes (uint8, shared memory); they scale with free "
         "cores, so on a machine with as many busy processes as cores they cannot beat one process.\n"
     )
-    print(section)
-    if not args.no_write:
-        write_section(BENCHMARKS_FILE, section)
-        print(f"updated {BENCHMARKS_FILE}")
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the section of ``path`` whose heading is ``section``'s first line,
-    keeping the other sections."""
-    title = section.splitlines()[0]
-    default = "# Benchmarks\n\nMeasured results, one section per area.\n"
-    text = path.read_text(encoding="utf-8") if path.exists() else default
-    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+    report(section, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from benchmarks.data_throughput import BENCHMARKS_FILE, machine_description, write_section
+from benchmarks.common import machine_description, report
 from data.datamodule import ShardDataModule
 from data.latent_cache import LatentCacheEncoder, cache_latents
 from data.shards import resolve_shards
@@ -119,10 +119,10 @@ def main() -> None:
         for kind, text_embeddings in ((LATENTS, False), (LATENTS_AND_TEXT, True)):
             encoder = LatentCacheEncoder(BASE_MODEL, str(transparent_vae), text_embeddings=text_embeddings)
             started = time.perf_counter()
-            report = cache_latents(image_shards, root / kind.replace(" ", "-"), encoder, batch_size=args.batch_size)
+            cached = cache_latents(image_shards, root / kind.replace(" ", "-"), encoder, batch_size=args.batch_size)
             cache_seconds[kind] = time.perf_counter() - started
-            shards[kind] = str(report.out_dir)
-        samples = report.samples
+            shards[kind] = str(cached.out_dir)
+        samples = cached.samples
 
         rates: dict[tuple[str, str], float] = {}
         for _ in range(args.repeats):
@@ -154,10 +154,7 @@ def main() -> None:
         "UNet, VAE and text encoders are all small, so their shares of a step differ from SDXL's at 1024 px; "
         "measure there before relying on a ratio for a real run.\n"
     )
-    print(section)
-    if not args.no_write:
-        write_section(BENCHMARKS_FILE, section)
-        print(f"updated {BENCHMARKS_FILE}")
+    report(section, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.data_throughput import BENCHMARKS_FILE, Timing, best_timings, machine_description, write_section
+from benchmarks.common import Timing, best_timings, machine_description, report
 from data.datamodule import ShardDataModule
 from data.demo import write_demo
 
@@ -119,10 +119,7 @@ def main() -> None:
         "epoch, so its wait stays flat however far into the epoch the checkpoint was, where replaying "
         "(re-reading and decoding everything before the position) would grow with it.\n"
     )
-    print(section)
-    if not args.no_write:
-        write_section(BENCHMARKS_FILE, section)
-        print(f"updated {BENCHMARKS_FILE}")
+    report(section, write=not args.no_write)
 
 
 if __name__ == "__main__":

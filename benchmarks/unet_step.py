@@ -29,7 +29,7 @@ from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.data_throughput import BENCHMARKS_FILE, machine_description, write_section
+from benchmarks.common import machine_description, report
 from layerdiff.models.base import SDXL_UNET_CONFIG
 from layerdiff.models.tiny import make_unet
 from layerdiff.modules.latent_diffusion import RELEASED_LORA_TARGETS
@@ -147,8 +147,6 @@ def run_setting(args, setting: Setting, device: torch.device) -> dict | None:
             times.append(time.perf_counter() - started)
     except torch.OutOfMemoryError:
         return {"setting": setting, "error": "out of memory"}
-    finally:
-        del optimizer, forward
     seconds = statistics.median(times)
     memory = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     return {"setting": setting, "seconds": seconds, "memory": memory, "flops": flops}
@@ -202,10 +200,7 @@ def main() -> None:
         f"({args.matmul_size}^3).\n\n"
         "| setting | step time | peak memory | TFLOP/s | MFU |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
-    print(section)
-    if not args.no_write:
-        write_section(BENCHMARKS_FILE, section)
-        print(f"updated {BENCHMARKS_FILE}")
+    report(section, write=not args.no_write)
 
 
 if __name__ == "__main__":

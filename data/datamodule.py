@@ -22,7 +22,6 @@ turns them into float (``to_unit_float``).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.data_throughput import write_section
+from benchmarks.common import write_section
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -125,7 +124,7 @@ def run_train_py(root: Path, shards: Path, tiny_sdxl: Path, *extra: str) -> subp
         "--trainer.max_steps=12",
         "--trainer.val_check_interval=6",
         "--trainer.limit_val_batches=1",
-        f"--trainer.callbacks+=recorders.BatchKeyRecorder",
+        "--trainer.callbacks+=recorders.BatchKeyRecorder",
         f"--trainer.callbacks.path={root / 'batches.jsonl'}",
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
         f"--trainer.callbacks.dirpath={root / 'every-3'}",
