@@ -15,9 +15,10 @@ The pipeline in each DataLoader worker, top to bottom:
    ``batch_size`` samples, so aspect buckets never mix in a batch.
 
 Batches are built in the worker (the DataLoader's own batching is off), which is
-how the per-worker count of skipped corrupt members reaches the main process.
-Their images stay uint8 until they reach the training process, where the loader
-turns them into float (``to_unit_float``).
+how the per-worker count of skipped corrupt members, and each training batch's stream
+position (so that a resumed run continues exactly; see "where a worker's stream stands"
+below), reach the main process. Their images stay uint8 until they reach the training
+process, where the loader turns them into float (``to_unit_float``).
 """
 
 from __future__ import annotations
@@ -612,7 +613,12 @@ class ShardDataModule(pl.LightningDataModule):
     since its previous batch) and, with ``require_layers``, ``background``, ``blend``
     ``[B, 3, H, W]``, ``background_caption``, ``blend_caption``. All images in a
     batch have one size. Loader batches also carry ``corrupt_members`` (their
-    descriptions), which ``on_before_batch_transfer`` removes and logs.
+    descriptions), which ``on_before_batch_transfer`` removes and logs, and training
+    batches their stream position, which it removes and records.
+
+    Checkpoints hold every rank's ``StreamProgress`` (``state_dict``), so a run resumed
+    with the same devices and ``num_workers`` continues with exactly the batches the
+    interrupted one would have trained on next, mid-epoch too.
 
     Shards written by ``python -m data cache-latents`` give the same batches with
     ``latent`` float32 ``[B, 4, H/8, W/8]`` (the adjusted latent at the UNet's scale)
