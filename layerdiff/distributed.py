@@ -52,6 +52,7 @@ from lightning.fabric.strategies.model_parallel import _distributed_checkpoint_s
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -128,11 +129,12 @@ def parallelize(
 
     With ``settings.param_dtype`` (bf16 on CUDA) units gather and compute in that dtype and
     reduce gradients in float32, with float32 sharded master weights for the optimizer.
-    Parts in ``own_dtype`` keep their parameters' dtype: FSDP2 fixes a unit's gradient dtype
-    from ``requires_grad`` at the unit's first forward, and a part that Lightning's
-    ``toggle_optimizer`` freezes during its first forward (the discriminator, first run for
-    the generator's adversarial term) would otherwise get low-precision gradients assigned
-    to float32 parameters.
+    Parts in ``own_dtype`` keep their parameters' dtype. The discriminator needs it twice:
+    its BatchNorm layers keep float32 running statistics, which bf16 parameters do not
+    combine with; and FSDP2 fixes a unit's gradient dtype from ``requires_grad`` at the
+    unit's first forward, which for the discriminator comes while Lightning's
+    ``toggle_optimizer`` has frozen it (the generator's adversarial term), so it would later
+    get bf16 gradients assigned to float32 parameters.
     """
     from torch.distributed._composable import checkpoint
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -145,7 +147,9 @@ def parallelize(
         if isinstance(part, FSDPModule):
             raise ValueError(f"{type(part).__name__} is sharded already; parallelize each part once.")
         if not any(parameter.requires_grad for parameter in part.parameters()):
-            raise ValueError(f"{type(part).__name__} has no trainable parameters; parallelize shards trained parts only.")
+            raise ValueError(
+                f"{type(part).__name__} has no trainable parameters; parallelize shards trained parts only."
+            )
         options = {
             "mesh": mesh,
             "reshard_after_forward": settings.reshard_after_forward,
@@ -321,10 +325,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options.")
         path = Path(self.broadcast(str(filepath)))
         staging = path.with_name(f".{path.name}.partial")
-        state = {
-            "state_dict": checkpoint.pop("state_dict"),
-            **{f"optimizer_{index}": optimizer for index, optimizer in enumerate(checkpoint.pop("optimizer_states", []))},
-        }
+        optimizers = checkpoint.pop("optimizer_states", [])
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{index}": optimizer for index, optimizer in enumerate(optimizers)})
         state[SHARDED_ENTRIES], metadata = split_sharded_entries(checkpoint)
         if self.is_global_zero:
             remove_path(staging)  # left by a crashed save
@@ -373,9 +376,12 @@ class FSDP2Strategy(ModelParallelStrategy):
             )
 
         metadata = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=weights_only)
+        trainer = self.lightning_module.trainer
+        if trainer.state.fn != TrainerFn.FITTING:
+            return metadata  # validate/test/predict restore the weights only; callback state keeps its placeholders
         targets = {}
         for entry_path in placeholder_paths(metadata):
-            target = _live_entry(self.lightning_module.trainer, entry_path)
+            target = _live_entry(trainer, entry_path)
             if not isinstance(target, DTensor):
                 raise ValueError(
                     f"{path} holds a sharded tensor at {'/'.join(map(str, entry_path))}, but this run has no sharded "
@@ -492,7 +498,8 @@ def read_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "an interrupted save leaves none, so use the previous checkpoint."
         )
     stored: dict[str, Any] = {}
-    _load_state_dict(stored, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    reader = FileSystemReader(str(path))
+    _load_state_dict(stored, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     # Lightning's checkpoints pickle hyper-parameters (AttributeDict, paths): trusted files only.
     checkpoint = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
     insert_sharded_entries(checkpoint, stored.pop(SHARDED_ENTRIES, {}))

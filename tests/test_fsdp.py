@@ -209,17 +209,18 @@ def vae_resumed_and_killed(tiny_sdxl, one_batch_shards, vae_sharded, tmp_path_fa
     overlay = run_overlay(root, one_batch_shards, vae_model(tiny_sdxl), [crash], save_last=True)
     shutil.copytree(checkpoint_path(vae_sharded, CHECKPOINT_EVERY), root / "checkpoints" / "last.ckpt")
     command = sharded_command(VAE_RECIPE, overlay, "--ckpt_path", str(checkpoint_path(vae_sharded, CHECKPOINT_EVERY)))
-    process = subprocess.Popen(
-        command, cwd=REPO, env=train_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True, text=True,
-    )  # fmt: skip
-    try:
-        output, _ = process.communicate(timeout=600)
-    finally:
-        # rank 1 (started by rank 0, in its session) waits in a collective for the dead rank 0
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == -signal.SIGKILL, output[-4000:]
+    log = root / "train.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=train_environment(), stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            process.wait(timeout=600)
+        finally:
+            # rank 1, started by rank 0 in its session, may still wait in a collective for it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == -signal.SIGKILL, log.read_text()[-4000:]
     return root
 
 
@@ -296,7 +297,8 @@ def assert_tensors(actual: dict, expected: dict, exact: bool, what: str) -> None
         return
     difference = sum(float(((actual[key].double() - expected[key].double()) ** 2).sum()) for key in expected)
     size = sum(float((expected[key].double() ** 2).sum()) for key in expected)
-    assert difference**0.5 <= RELATIVE_TOLERANCE * size**0.5, f"{what}: relative L2 difference {(difference / size) ** 0.5:.2e}"
+    relative = (difference / size) ** 0.5
+    assert relative <= RELATIVE_TOLERANCE, f"{what}: relative L2 difference {relative:.2e}"
 
 
 def assert_same_training_state(actual: dict, expected: dict, exact: bool) -> None:
@@ -306,7 +308,8 @@ def assert_same_training_state(actual: dict, expected: dict, exact: bool) -> Non
     assert set(actual["state_dict"]) == set(expected["state_dict"])
     assert_tensors(ema_averages(actual), ema_averages(expected), exact, "EMA averages")
     assert len(actual["optimizer_states"]) == len(expected["optimizer_states"])
-    for index, (actual_state, expected_state) in enumerate(zip(actual["optimizer_states"], expected["optimizer_states"])):
+    pairs = zip(actual["optimizer_states"], expected["optimizer_states"])
+    for index, (actual_state, expected_state) in enumerate(pairs):
         assert actual_state["param_groups"] == expected_state["param_groups"]
         assert set(actual_state["state"]) == set(expected_state["state"])
         for moment in ("step", "exp_avg", "exp_avg_sq"):
@@ -344,7 +347,8 @@ def test_the_sharded_vae_run_shards_its_trained_parts_and_logs_like_one_process(
     ]
 
     sharded, single = logged_metrics(vae_sharded), logged_metrics(vae_single)
-    assert {"train/loss", "train/adversarial", "train/discriminator", "train/adaptive_weight", "val/alpha_mse"} <= set(single)
+    logged = {"train/loss", "train/adversarial", "train/discriminator", "train/adaptive_weight", "val/alpha_mse"}
+    assert logged <= set(single)
     assert set(sharded) == set(single)
     for name, rows in single.items():
         assert [step for step, _ in sharded[name]] == [step for step, _ in rows], name
@@ -384,7 +388,9 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint_and_leaves_nothing_t
         read_sharded_checkpoint(leftovers[0])
 
 
-def test_a_consolidated_checkpoint_resumes_on_one_process_as_if_trained_there(vae_single, consolidated_resumed_on_one_process):
+def test_a_consolidated_checkpoint_resumes_on_one_process_as_if_trained_there(
+    vae_single, consolidated_resumed_on_one_process
+):
     resumed = read_checkpoint(checkpoint_path(consolidated_resumed_on_one_process, STEPS))
     single = read_checkpoint(checkpoint_path(vae_single, STEPS))
     assert_same_training_state(resumed, single, exact=False)
@@ -423,7 +429,8 @@ def test_the_sharded_lora_run_keeps_base_weights_out_and_samples_on_every_rank(l
     assert len(checkpoint["noise_generator_states"]) == 2  # both ranks' streams
     assert not torch.equal(*checkpoint["noise_generator_states"])
     # the sampling callback ran the sharded UNet on both ranks when training started and at step 2
-    assert sorted(path.name for path in (ld_sharded / "samples").glob("*.png")) == ["step_000000.png", "step_000002.png"]
+    samples = sorted(path.name for path in (ld_sharded / "samples").glob("*.png"))
+    assert samples == ["step_000000.png", "step_000002.png"]
 
 
 def test_a_resumed_sharded_lora_run_continues_exactly(ld_sharded, ld_resumed):
@@ -452,3 +459,103 @@ def test_lora_and_unet_exports_of_a_sharded_checkpoint_load_into_diffusers(tiny_
     fused = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
     torch.testing.assert_close(unet_output(fused), unet_output(pipeline.unet), rtol=0, atol=1e-5)
     assert not torch.allclose(base_output, unet_output(fused), atol=1e-6)  # the LoRA trained
+
+
+# -- units, in this process (a one-rank gloo group) -------------------------------------------
+
+
+@pytest.fixture
+def one_rank_mesh(tmp_path):
+    """FSDP2 over a one-rank mesh: the unit layout ``parallelize`` builds, without spawning."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_lora_block_is_one_unit_of_its_factors_while_base_weights_stay_whole(tiny_sdxl, one_rank_mesh):
+    from diffusers.models.attention import BasicTransformerBlock
+    from peft import LoraConfig
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from layerdiff.distributed import ShardingSettings, parallelize
+    from layerdiff.models.base import load_unet
+    from layerdiff.modules.latent_diffusion import LORA_ADAPTER, RELEASED_LORA_TARGETS
+    from layerdiff.optim import build_optimizer
+
+    unet = load_unet(str(tiny_sdxl)).requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, target_modules=list(RELEASED_LORA_TARGETS)), adapter_name=LORA_ADAPTER)
+    names = [name for name, _ in unet.named_parameters()]
+    parallelize([unet], one_rank_mesh, ShardingSettings(activation_checkpointing=True, compile=False))
+
+    assert [name for name, _ in unet.named_parameters()] == names  # no wrapper in any name
+    for name, parameter in unet.named_parameters():
+        assert isinstance(parameter, DTensor) == parameter.requires_grad, name
+    blocks = [module for module in unet.modules() if isinstance(module, BasicTransformerBlock)]
+    assert blocks and isinstance(unet, FSDPModule)
+    for block in blocks:
+        assert not isinstance(block, FSDPModule)  # its base weights are no unit's
+        factors = [module for module in block.modules() if isinstance(module, FSDPModule)]
+        assert len(factors) == 2 * len(RELEASED_LORA_TARGETS)  # lora_A and lora_B of each projection
+        assert len({id(module._get_fsdp_state()) for module in factors}) == 1  # gathered together
+
+    unet_output(unet, grad=True).square().mean().backward()
+    for name, parameter in unet.named_parameters():
+        assert (parameter.grad is not None) == parameter.requires_grad, name
+
+    with pytest.raises(ValueError, match="adamw8bit.*sharded"):
+        build_optimizer(unet.parameters(), "adamw8bit", 1e-4, (0.9, 0.999), 0.0)
+
+
+def test_a_module_with_frozen_and_trainable_parameters_of_its_own_is_refused(one_rank_mesh):
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from layerdiff.distributed import ShardingSettings, parallelize
+
+    part = torch.nn.Sequential(ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=None, groups=4))
+    part[0].conv1.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="conv1 holds frozen and trainable parameters"):
+        parallelize([part], one_rank_mesh, ShardingSettings())
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_bf16_units_keep_float32_gradients_with_a_discriminator_frozen_at_its_first_forward(
+    tiny_sdxl, one_rank_mesh, norm
+):
+    """The CUDA setting (bf16 gathered parameters, float32 reduction), here on the CPU, with
+    the discriminator frozen during its first forward as Lightning's toggle_optimizer does
+    in the generator step. Cast to bf16, a BatchNorm discriminator would fail on its float32
+    running statistics, and a GroupNorm one on bf16 gradients FSDP2 assigns to float32
+    parameters; in its own dtype, both train."""
+    from torch.distributed.tensor import DTensor
+
+    from layerdiff import losses
+    from layerdiff.distributed import ShardingSettings, parallelize
+    from layerdiff.modules import TransparentVAEModule
+
+    module = TransparentVAEModule(**vae_model(tiny_sdxl), discriminator_norm=norm)
+    generator = [module.transparent_encoder, module.transparent_decoder]
+    discriminator = [module.discriminator]
+    parallelize([*generator, *discriminator], one_rank_mesh, ShardingSettings(param_dtype=torch.bfloat16), discriminator)
+    rgb, alpha = torch.rand(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.5).float()
+
+    module.discriminator.requires_grad_(False)  # the generator step
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reconstruction = module.reconstruct(rgb, alpha)
+        fake = torch.cat([reconstruction["alpha"], reconstruction["rgb"]], dim=1)
+        losses.generator_adversarial_loss(module.discriminator(fake * 2 - 1)).backward()
+    module.discriminator.requires_grad_(True)  # the discriminator step
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        real = torch.cat([alpha, rgb], dim=1)
+        real_logits, fake_logits = module.discriminator(real * 2 - 1), module.discriminator(fake.detach() * 2 - 1)
+    losses.hinge_discriminator_loss(real_logits, fake_logits).backward()
+
+    for part in (*generator, module.discriminator):
+        for name, parameter in part.named_parameters():
+            assert isinstance(parameter, DTensor) and parameter.dtype == torch.float32, name
+            assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
