@@ -379,9 +379,12 @@ class FSDP2Strategy(ModelParallelStrategy):
         trainer = self.lightning_module.trainer
         if trainer.state.fn != TrainerFn.FITTING:
             return metadata  # validate/test/predict restore the weights only; callback state keeps its placeholders
+        # Sharded entries live in callback states (the EMA's averages); load them into the
+        # tensors this run holds there now.
+        live = {"callbacks": {callback.state_key: callback.state_dict() for callback in trainer.callbacks}}
         targets = {}
         for entry_path in placeholder_paths(metadata):
-            target = _live_entry(trainer, entry_path)
+            target = _value_at(live, entry_path)
             if not isinstance(target, DTensor):
                 raise ValueError(
                     f"{path} holds a sharded tensor at {'/'.join(map(str, entry_path))}, but this run has no sharded "
@@ -394,14 +397,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         return metadata
 
 
-def _live_entry(trainer, entry_path: list) -> Any:
-    """The current value at ``entry_path`` of what this run would save; sharded entries
-    live in callback states (``callbacks/<state key>/...``)."""
-    if not entry_path or entry_path[0] != "callbacks":
-        return None
-    states = {callback.state_key: callback.state_dict() for callback in trainer.callbacks}
-    value: Any = states
-    for key in entry_path[1:]:
+def _value_at(nested: Mapping[str, Any], path: list) -> Any:
+    """``nested[path[0]][path[1]]...``, or None where the path leads nowhere."""
+    value: Any = nested
+    for key in path:
         if not isinstance(value, Mapping) or key not in value:
             return None
         value = value[key]
@@ -418,17 +417,18 @@ def is_sharded_checkpoint(path: Path) -> bool:
 
 def split_sharded_entries(checkpoint: Mapping[str, Any]) -> tuple[dict[str, DTensor], dict[str, Any]]:
     """``(sharded, rest)``: the DTensors anywhere in ``checkpoint``'s nested dicts by JSON
-    path, and a copy of ``checkpoint`` with :data:`SHARDED_PLACEHOLDER` in their place (dicts
-    are copied, everything else shared)."""
+    path, and ``checkpoint`` with :data:`SHARDED_PLACEHOLDER` in their place (the dicts on
+    the way to a DTensor are copied; everything else, e.g. ``AttributeDict`` hyper-parameters,
+    is kept as it is)."""
     sharded: dict[str, DTensor] = {}
 
     def walk(value: Any, where: list) -> Any:
         if isinstance(value, DTensor):
             sharded[json.dumps(where)] = value
             return SHARDED_PLACEHOLDER
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping) and _holds_dtensor(value):
             return {key: walk(item, [*where, key]) for key, item in value.items()}
-        if isinstance(value, (list, tuple)) and any(isinstance(item, DTensor) for item in value):
+        if isinstance(value, (list, tuple)) and _holds_dtensor(value):
             raise TypeError(
                 f"sharded tensors in a {type(value).__name__} at {'/'.join(map(str, where))} cannot be checkpointed; "
                 "keep them in a dict (by name)."
@@ -436,6 +436,16 @@ def split_sharded_entries(checkpoint: Mapping[str, Any]) -> tuple[dict[str, DTen
         return value
 
     return sharded, walk(checkpoint, [])
+
+
+def _holds_dtensor(value: Any) -> bool:
+    if isinstance(value, DTensor):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_dtensor(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_dtensor(item) for item in value)
+    return False
 
 
 def placeholder_paths(metadata: Any, where: list | None = None) -> Iterator[list]:
