@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from layerdiff.distributed import reshard
 from layerdiff.export import EMA_AVERAGES_KEY
 
 NUM_UPDATES_KEY = "num_updates"
@@ -22,7 +23,8 @@ class EMA(Callback):
       the n-th update is ``min(decay, (1 + n) / (10 + n))``, so early averages are not dominated
       by the initial weights.
     * Averages are fp32 on each parameter's device. Every data-parallel rank holds the same
-      weights, so each averages its own copy with no communication.
+      weights, so each averages its own copy with no communication; under sharded training
+      (FSDP2) each rank averages its own shard, and the sharded checkpoint stores the shards.
     * Validation runs on the averages: they are copied into the model from
       ``on_validation_start`` to ``on_validation_end``, so other callbacks that sample during
       validation see them (checkpoint callbacks, which Lightning runs last, see the raw weights).
@@ -55,6 +57,7 @@ class EMA(Callback):
         self.update_every = update_every
         self.exclude = tuple(exclude)
         self.num_updates = 0
+        self._module: LightningModule | None = None
         self._parameters: dict[str, torch.nn.Parameter] = {}
         self._averages: dict[str, torch.Tensor] = {}
         self._restored: Mapping[str, Any] | None = None  # state loaded before the averages exist
@@ -75,6 +78,7 @@ class EMA(Callback):
     # -- lifecycle -------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._module = pl_module
         self._parameters = {
             name: parameter
             for name, parameter in pl_module.named_parameters()
@@ -126,12 +130,14 @@ class EMA(Callback):
 
     @torch.no_grad()
     def _swap_in(self) -> None:
+        reshard(self._module)  # sharded (FSDP2) units must not keep gathered copies of what changes here
         self._raw_weights = {name: parameter.detach().clone() for name, parameter in self._parameters.items()}
         for name, parameter in self._parameters.items():
             parameter.copy_(self._averages[name])
 
     @torch.no_grad()
     def _swap_out(self) -> None:
+        reshard(self._module)
         for name, parameter in self._parameters.items():
             parameter.copy_(self._raw_weights[name])
         self._raw_weights = None

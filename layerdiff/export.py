@@ -30,6 +30,11 @@ UNet folders) live in :mod:`layerdiff.export_lora`; this module's CLI exports th
     python -m layerdiff.export transparent-vae --checkpoint last.ckpt --out DIR [--dtype fp16] [--no-ema]
     python -m layerdiff.export lora --checkpoint last.ckpt --out DIR [--format both] [--dtype fp16] [--no-ema]
     python -m layerdiff.export unet --checkpoint last.ckpt --out DIR [--dtype fp16] [--no-ema]
+    python -m layerdiff.export consolidate --checkpoint last.ckpt --out last-full.ckpt
+
+``consolidate`` turns a sharded checkpoint folder into one single-file Lightning checkpoint
+(``layerdiff.distributed.consolidate_checkpoint``): what ``load_from_checkpoint`` reads and a
+DDP or single-device run resumes from.
 """
 
 from __future__ import annotations
@@ -211,10 +216,10 @@ def load_transparent_vae(
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
     if path.is_dir():
-        # Lightning's sharded (torch.distributed.checkpoint) folder: consolidate in memory.
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+        # A sharded (FSDP2) checkpoint folder: consolidated in memory.
+        from layerdiff.distributed import read_sharded_checkpoint
 
-        return _load_distributed_checkpoint(path)
+        return read_sharded_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     # Lightning pickles hyper-parameters (AttributeDict, paths, namespaces), which the
@@ -355,6 +360,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="write the fine-tuned UNet (a LoRA checkpoint: base UNet with the LoRA fused in) as a diffusers "
         "UNet folder that UNet2DConditionModel.from_pretrained loads",
     )
+    consolidate = commands.add_parser(
+        "consolidate",
+        help="write a sharded (FSDP2) checkpoint folder as one single-file Lightning checkpoint, which "
+        "load_from_checkpoint reads and DDP or single-device runs resume from",
+    )
+    consolidate.add_argument("--checkpoint", required=True, type=Path, help="sharded checkpoint folder")
+    consolidate.add_argument("--out", required=True, type=Path, help="the .ckpt file to write")
     for command in (transparent, lora, unet):
         command.add_argument("--checkpoint", required=True, type=Path, help="Lightning .ckpt file or sharded folder")
         command.add_argument("--out", required=True, type=Path, help="output folder")
@@ -369,6 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "hyper-parameter (e.g. when it was a path on another machine)",
         )
     args = parser.parse_args(argv)
+    if args.command == "consolidate":
+        from layerdiff.distributed import consolidate_checkpoint
+
+        print(f"wrote {consolidate_checkpoint(args.checkpoint, args.out)}")
+        return 0
     dtype = DTYPES[args.dtype]
 
     if args.command == "lora":

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Literal
 
 import torch
+from torch.distributed.tensor import DTensor
 
 OptimizerName = Literal["adamw", "adamw8bit"]
 
@@ -26,6 +27,12 @@ def build_optimizer(
         fused = all(p.is_cuda for p in parameters)
         return torch.optim.AdamW(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay, fused=fused)
     if name == "adamw8bit":
+        if any(isinstance(p, DTensor) for p in parameters):
+            raise ValueError(
+                "optimizer 'adamw8bit' cannot step sharded (FSDP2) parameters: bitsandbytes' kernels have no "
+                "DTensor sharding rule. Use optimizer: adamw, whose state sharding already divides by the number "
+                "of ranks, or train with the default DDP strategy."
+            )
         try:
             import bitsandbytes as bnb
         except ImportError as error:  # pragma: no cover - bitsandbytes is a declared dependency

@@ -17,6 +17,10 @@ STACKS = [
     ("fit", ("transparent_vae.yaml", "demo/transparent_vae.yaml")),
     ("fit", ("latent_diffusion.yaml",)),
     ("fit", ("latent_diffusion.yaml", "demo/latent_diffusion.yaml")),
+    ("fit", ("transparent_vae.yaml", "strategy/fsdp.yaml")),
+    ("fit", ("transparent_vae.yaml", "demo/transparent_vae.yaml", "strategy/fsdp.yaml")),
+    ("fit", ("latent_diffusion.yaml", "strategy/fsdp.yaml")),
+    ("fit", ("latent_diffusion.yaml", "demo/latent_diffusion.yaml", "strategy/fsdp.yaml")),
     ("predict", ("latent_diffusion.yaml", "predict.yaml")),
     ("predict", ("latent_diffusion.yaml", "demo/latent_diffusion.yaml", "predict.yaml", "demo/predict.yaml")),
 ]

@@ -57,8 +57,9 @@ def adapted_unet(model: Path, lora_alpha: float, seed: int) -> UNet2DConditionMo
     return unet
 
 
-def unet_output(unet: UNet2DConditionModel) -> torch.Tensor:
-    """The UNet's prediction on fixed inputs (with SDXL's added conditions when it takes them)."""
+def unet_output(unet: UNet2DConditionModel, grad: bool = False) -> torch.Tensor:
+    """The UNet's prediction on fixed inputs (with SDXL's added conditions when it takes them),
+    with autograd recording it if ``grad``."""
     config = unet.config
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(1, config.in_channels, config.sample_size, config.sample_size, generator=generator)
@@ -71,7 +72,7 @@ def unet_output(unet: UNet2DConditionModel) -> torch.Tensor:
             "text_embeds": torch.randn(1, pooled_dim, generator=generator),
             "time_ids": torch.randn(1, num_time_ids, generator=generator),
         }
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         return unet(sample, 500, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
 
 

@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig
 
 from layerdiff import losses
+from layerdiff.distributed import shard_trained_parts
 from layerdiff.export import load_transparency_models
 from layerdiff.models import codec
 from layerdiff.models.base import (
@@ -145,6 +146,12 @@ class LatentDiffusionModule(FrozenBaseModule):
         self._noise_generator_restored = False
         self._empty_prompt: PromptEmbeddings | None = None
         self._image_generator: TransparentImageGenerator | None = None
+
+    def configure_model(self) -> None:
+        """Under a sharded strategy, shard the UNet's trained weights (``layerdiff.distributed``:
+        a LoRA's factors per transformer block, the base weights stay whole); the frozen VAE,
+        text encoders and transparency models stay whole."""
+        shard_trained_parts(self, [self.unet])
 
     # -- conditioning and latents ------------------------------------------------------
 

@@ -10,6 +10,7 @@ from torchmetrics import MeanSquaredError
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from layerdiff import losses
+from layerdiff.distributed import shard_trained_parts
 from layerdiff.metrics import MaskedPSNR
 from layerdiff.models.base import freeze, load_vae
 from layerdiff.models.discriminator import PatchDiscriminator
@@ -160,6 +161,13 @@ class TransparentVAEModule(FrozenBaseModule):
             "adjusted_decode": adjusted_decode.clamp(0.0, 1.0),
             "original_decode": self.decode_frozen(latent).clamp(0.0, 1.0),
         }
+
+    def configure_model(self) -> None:
+        """Under a sharded strategy, shard the generator's two parts and, separately, the
+        discriminator (``layerdiff.distributed``); the frozen VAE and LPIPS stay whole."""
+        discriminator = [self.discriminator] if self.discriminator is not None else []
+        generator = [self.transparent_encoder, self.transparent_decoder]
+        shard_trained_parts(self, generator + discriminator, own_dtype=discriminator)
 
     # -- training ------------------------------------------------------------------------
 
