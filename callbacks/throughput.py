@@ -10,7 +10,8 @@ import warnings
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 GIB = 1024**3
 # ru_maxrss is in kilobytes on Linux, in bytes on macOS
@@ -23,10 +24,12 @@ class TrainingThroughput(Callback):
     ``perf/tflops_per_sec`` and ``perf/mfu`` per device, and ``perf/peak_memory_gib`` (the
     largest over the devices; each rank's as ``perf/peak_memory_gib_rank<N>`` in the loggers).
 
-    * FLOPs are counted once, on the first training step, with ``torch.utils.flop_counter``
-      (forward and backward; matmuls, convolutions and attention) and scaled by samples
+    * FLOPs are counted once, on the first training step, with ``torch.utils.flop_counter``'s
+      formulas (forward and backward; matmuls, convolutions and attention) and scaled by samples
       afterwards, which is exact while batches keep the first one's image size. That step is
-      left out of the timings, as is everything before it.
+      left out of the timings, as is everything before it. The counting runs every op as it is
+      (``CountingFlops``), so the counted step computes exactly what it would have otherwise,
+      and a resumed run still matches an uninterrupted one bit for bit.
     * MFU divides the achieved FLOP/s by the device's peak: ``peak_flops`` when given (e.g. the
       measured dense bf16 matmul rate of your GPU), else Lightning's table of known GPUs for the
       run's precision; without either (a CPU) only TFLOP/s are logged.
@@ -43,7 +46,7 @@ class TrainingThroughput(Callback):
         self.count_flops = count_flops
         self.peak_flops = peak_flops
         self.flops_per_sample: float | None = None
-        self._counter: FlopCounterMode | None = None
+        self._counter: CountingFlops | None = None
         self._window_start: float | None = None
         self._window_samples = 0
 
@@ -54,14 +57,14 @@ class TrainingThroughput(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         if self.count_flops and self.flops_per_sample is None and self._counter is None:
-            self._counter = FlopCounterMode(display=False)
+            self._counter = CountingFlops()
             self._counter.__enter__()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         samples = batch_size(batch)
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
-            self.flops_per_sample = self._counter.get_total_flops() / max(samples, 1)
+            self.flops_per_sample = self._counter.flops / max(samples, 1)
             self._counter = None
         if self._window_start is None:  # the timing starts after the first (counted, warm-up) step
             self._synchronize(pl_module)
@@ -108,6 +111,34 @@ class TrainingThroughput(Callback):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an unknown device is normal here, not a problem
             return get_available_flops(device, _PRECISION_DTYPES.get(precision, torch.float32))
+
+
+class CountingFlops(TorchDispatchMode):
+    """Adds up the FLOPs of the matmuls, convolutions and attention run inside it.
+
+    ``torch.utils.flop_counter.FlopCounterMode`` decomposes every op it has no formula for
+    (group norm, the CPU flash-attention kernel, ...) into smaller ones to find matmuls in
+    them, which changes the numbers those ops compute; here every op runs unchanged. The CPU
+    flash-attention kernels, which that module has no formula for, count as attention does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if packet in flop_registry:
+            self.flops += flop_registry[packet](*args, **kwargs, out_val=out)
+        elif packet is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            query, key, value = args[:3]
+            self.flops += sdpa_flop_count(query.shape, key.shape, value.shape)
+        elif packet is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            grad_out, query, key, value = args[:4]
+            self.flops += sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+        return out
 
 
 def batch_size(batch) -> int:

@@ -192,3 +192,26 @@ def test_train_py_killed_mid_epoch_and_resumed_ends_as_if_never_stopped(tiny_sdx
     # uninterrupted run saw at that step, and after the resume every step from the checkpoint on came, in order
     assert all(record == uninterrupted[record[0]] for record in with_crash)
     assert with_crash[-(12 - last_saved):] == uninterrupted[last_saved:]
+
+
+def test_counting_flops_leaves_the_step_bit_for_bit_unchanged():
+    """The throughput callback counts FLOPs on a run's first step: a resumed run counts a step
+    the uninterrupted run did not, so counting must not change what the step computes (torch's
+    FlopCounterMode does: it decomposes group norm and CPU attention into other kernels)."""
+    from callbacks.throughput import CountingFlops
+    from layerdiff.models.transparency import TransparencyDecoder
+
+    torch.manual_seed(0)
+    decoder = TransparencyDecoder(block_out_channels=(8, 8, 16, 16, 16, 16, 16))
+    pixels, latent = torch.rand(2, 3, 64, 64), torch.randn(2, 4, 8, 8)
+
+    def gradients():
+        decoder.zero_grad(set_to_none=True)
+        decoder(pixels, latent).square().mean().backward()
+        return [parameter.grad.clone() for parameter in decoder.parameters()]
+
+    plain = gradients()
+    with CountingFlops() as counter:
+        counted = gradients()
+    assert counter.flops > 0
+    assert all(torch.equal(a, b) for a, b in zip(plain, counted))
