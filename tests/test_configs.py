@@ -17,6 +17,8 @@ STACKS = [
     ("fit", ("transparent_vae.yaml", "demo/transparent_vae.yaml")),
     ("fit", ("latent_diffusion.yaml",)),
     ("fit", ("latent_diffusion.yaml", "demo/latent_diffusion.yaml")),
+    ("fit", ("transparent_vae.yaml", "cluster/slurm.yaml")),
+    ("fit", ("latent_diffusion.yaml", "cluster/slurm.yaml")),
     ("predict", ("latent_diffusion.yaml", "predict.yaml")),
     ("predict", ("latent_diffusion.yaml", "demo/latent_diffusion.yaml", "predict.yaml", "demo/predict.yaml")),
 ]
