@@ -81,6 +81,17 @@ def test_interpolation_follows_the_merged_config(capsys):
     assert checkpoint["init_args"]["dirpath"] == "/tmp/elsewhere/checkpoints"
 
 
+def test_the_slurm_overlay_adds_a_slurm_environment_without_auto_requeue_to_the_recipe_plugins(capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    for recipe in RECIPES:
+        recipe_plugins = print_config(capsys, "fit", recipe)["trainer"]["plugins"]
+        config = print_config(capsys, "fit", recipe, "cluster/slurm.yaml")
+        *kept, environment = config["trainer"]["plugins"]
+        assert kept == recipe_plugins
+        assert environment["class_path"].endswith("SLURMEnvironment") and environment["init_args"]["auto_requeue"] is False
+        assert config["trainer"]["logger"]["init_args"]["id"] == "slurm-4242"
+
+
 def test_wandb_is_offline_unless_asked(capsys, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     assert print_config(capsys, "fit", "transparent_vae.yaml")["trainer"]["logger"]["init_args"]["offline"] is True
