@@ -40,7 +40,7 @@ class Preemption(Checkpoint):
        the run overwrites it (the validation Lightning runs when a run stops early is skipped);
     3. the run stops (``trainer.should_stop``; ``min_steps``/``min_epochs`` give way);
     4. at the end of ``fit`` the W&B run is finished (W&B's service is a separate process,
-       which SLURM signals along with the job), Lightning's signal handlers are put back, and
+       which SLURM signals along with the job), the signal handlers from before are put back, and
        on the requeue signal rank 0 runs ``scontrol requeue <job>`` (array jobs:
        ``<array job>_<task>``) as the very last step, because SLURM ends the job right after.
 
@@ -142,8 +142,9 @@ class Preemption(Checkpoint):
             rank_zero_warn("Preemption: fit runs outside the main thread, where Python cannot handle signals: off.")
             return
         self._original_handlers = {signum: signal.getsignal(signum) for signum in self._signals}
-        # From here on: DataLoader workers forked later inherit the recording handler, so
-        # SLURM's signal to every process of the job does not kill them.
+        # From here on: DataLoader workers forked later inherit the recording handler for the
+        # requeue signal, which SLURM sends to every process of the job and whose default action
+        # would end them (SIGTERM they handle themselves: torch sets its own handler in workers).
         self._install_handlers()
 
     def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -205,7 +206,8 @@ class Preemption(Checkpoint):
             f"Preemption: {reason.name} received; saved step {step} to {checkpoint.last_model_path}; {action}"
         )
         fit_loop = trainer.fit_loop
-        fit_loop.min_epochs = None  # a signal overrides the minimum, which would make Lightning ignore should_stop
+        # A signal overrides min_epochs/min_steps, which would make Lightning ignore should_stop.
+        fit_loop.min_epochs = None
         fit_loop.epoch_loop.min_steps = None
         trainer.should_stop = True
         # Lightning validates before an early stop; a preempted job has no time for that.

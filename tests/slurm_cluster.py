@@ -101,12 +101,13 @@ class SlurmCluster:
         return fields
 
     def wait_for(self, job_id: str, states: set[str], timeout: float, poll: float = 0.5) -> dict[str, str]:
-        """Poll until the job is in one of ``states``; fails early if it finished otherwise."""
+        """Poll until the job is in one of ``states`` and, for a finished state, all its processes
+        have ended (squeue lists it no more); fails early if it finished otherwise."""
         deadline = time.monotonic() + timeout
         while True:
             record = self.job(job_id)
             state = record["JobState"]
-            if state in states:
+            if state in states and not (state in FINISHED_STATES and self._listed(job_id)):
                 return record
             if state in FINISHED_STATES:
                 raise ClusterError(f"job {job_id} ended {state}, expected {sorted(states)}: {record}")
@@ -114,6 +115,10 @@ class SlurmCluster:
                 problem = f"job {job_id} still {state} after {timeout:.0f} s, expected {sorted(states)}: {record}"
                 raise ClusterError(f"{problem}\n{self.logs()}")
             time.sleep(poll)
+
+    def _listed(self, job_id: str) -> bool:
+        """squeue shows the job: pending, running, or still ending its processes (COMPLETING)."""
+        return bool(self.command("squeue", "--noheader", "--jobs", job_id, check=False).strip())
 
     def signal(self, job_id: str, signal_name: str) -> None:
         """``scancel --signal=<name> job``: the signal goes to every process of the job's steps
