@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:?launch.sh runs inside an sbatch job}"
 : "${ACCELERATOR:?set ACCELERATOR=gpu or cpu}"
+: "${SLURM_NTASKS_PER_NODE:?submit with --ntasks-per-node (one task per GPU), which Lightning reads}"
 python=${PYTHON:-.venv/bin/python}
 [ -x "$python" ] || { echo "[slurm] no Python at $python: run scripts/setup.sh on the cluster or set PYTHON" >&2; exit 2; }
 export PYTHONUNBUFFERED=1  # logs reach the job's output file before a preemption, not after
