@@ -1,9 +1,11 @@
-"""Lightning callbacks: images and samples, EMA, prediction writing, and run monitoring."""
+"""Lightning callbacks: images and samples, EMA, prediction writing, run monitoring and
+preemption-safe stopping."""
 
 from callbacks.data_health import CorruptSampleMonitor
 from callbacks.ema import EMA, averaged_weights_of
 from callbacks.image_logger import TransparentReconstructionImages
 from callbacks.output_check import OutputDirectoryCheck, OutputDirectoryError
+from callbacks.preemption import Preemption
 from callbacks.rgba_writer import RGBAPredictionWriter
 from callbacks.sample_images import TransparentSamples
 from callbacks.throughput import TrainingThroughput
@@ -13,6 +15,7 @@ __all__ = [
     "CorruptSampleMonitor",
     "OutputDirectoryCheck",
     "OutputDirectoryError",
+    "Preemption",
     "RGBAPredictionWriter",
     "TransparentReconstructionImages",
     "TrainingThroughput",

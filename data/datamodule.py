@@ -24,6 +24,7 @@ process, where the loader turns them into float (``to_unit_float``).
 from __future__ import annotations
 
 import logging
+import signal
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -521,6 +522,13 @@ class StreamProgress:
                    state["last_worker"], bool(state["complete"]))
 
 
+def _outlast_sigterm(worker_id: int) -> None:
+    """SLURM sends SIGTERM to every process of a job, these workers included, while the training
+    process saves at its next step (``callbacks.Preemption``), for which it still needs batches.
+    Workers end anyway when the loader shuts them down or the training process exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _EpochDataLoader(DataLoader):
     """Runs a ``ShardStream`` one epoch per pass; images arrive as float.
 
@@ -547,7 +555,7 @@ class _EpochDataLoader(DataLoader):
         resume: StreamProgress | None = None,
     ):
         super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                         generator=torch.Generator().manual_seed(dataset.seed))
+                         generator=torch.Generator().manual_seed(dataset.seed), worker_init_fn=_outlast_sigterm)
         self.pin_float_images = pin_memory
         self.fit_epoch = fit_epoch
         self.resume = resume

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from lightning.pytorch.cli import LightningCLI
 from omegaconf import OmegaConf
+
+from callbacks.preemption import exit_code_of
 
 
 def _wandb_offline() -> bool:
@@ -34,4 +37,6 @@ class LayerdiffCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    LayerdiffCLI(args=args)
+    cli = LayerdiffCLI(args=args)
+    # 128 + signal number when a signal stopped the run and no requeue continues it
+    sys.exit(exit_code_of(cli.trainer))

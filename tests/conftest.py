@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+from slurm_cluster import SKIP_VARIABLE, SlurmCluster, missing_programs, start_cluster
+from test_data_support import write_tiny_shards
 
 from layerdiff.models.tiny import build_tiny_sdxl
 
@@ -75,3 +80,42 @@ def tiny_sd15(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     folder = tmp_path_factory.mktemp("models") / "tiny-sd15"
     pipeline.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Two shards of 4 training samples (one per rank of a two-rank run) and one of 2 validation
+    samples, 64 px, comma-joined as ``train_shards``/``val_shards`` take them; do not modify."""
+    root = tmp_path_factory.mktemp("preemption_shards")
+    train = write_tiny_shards(root / "train", 8, per_shard=4, sizes=((64, 64),))
+    val = write_tiny_shards(root / "val", 2, per_shard=2, sizes=((64, 64),))
+    return {"train": ",".join(train), "val": ",".join(val)}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A real one-node SLURM cluster on loopback (``tests/slurm_cluster.py``), started once per
+    session and stopped at its end. Skipped only when ``LAYERDIFF_SKIP_SLURM_TESTS=1``."""
+    if os.environ.get(SKIP_VARIABLE) == "1":
+        pytest.skip(f"{SKIP_VARIABLE}=1: the SLURM tests are skipped on this machine")
+    missing = missing_programs()
+    if missing or os.geteuid() != 0:
+        problem = f"{', '.join(missing)} missing" if missing else "SLURM's daemons run as root, this user is not"
+        pytest.fail(
+            f"The SLURM tests need slurm-wlm and munge ({problem}): run `bash scripts/slurm_test_packages.sh` as root "
+            f"(scripts/test.sh does), or set {SKIP_VARIABLE}=1 to skip them."
+        )
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failing test that used the SLURM cluster shows its jobs' output and the daemons' logs."""
+    outcome = yield
+    report = outcome.get_result()
+    cluster = getattr(item, "funcargs", {}).get("slurm_cluster")
+    if report.failed and cluster is not None:
+        report.sections.append(("SLURM job output", cluster.job_outputs()))
+        report.sections.append(("SLURM daemon logs", cluster.logs()))

@@ -21,6 +21,9 @@ STACKS = [
     ("fit", ("transparent_vae.yaml", "demo/transparent_vae.yaml", "strategy/fsdp.yaml")),
     ("fit", ("latent_diffusion.yaml", "strategy/fsdp.yaml")),
     ("fit", ("latent_diffusion.yaml", "demo/latent_diffusion.yaml", "strategy/fsdp.yaml")),
+    ("fit", ("transparent_vae.yaml", "cluster/slurm.yaml")),
+    ("fit", ("latent_diffusion.yaml", "cluster/slurm.yaml")),
+    ("fit", ("latent_diffusion.yaml", "strategy/fsdp.yaml", "cluster/slurm.yaml")),
     ("predict", ("latent_diffusion.yaml", "predict.yaml")),
     ("predict", ("latent_diffusion.yaml", "demo/latent_diffusion.yaml", "predict.yaml", "demo/predict.yaml")),
 ]
@@ -81,6 +84,17 @@ def test_interpolation_follows_the_merged_config(capsys):
     assert config["trainer"]["logger"]["init_args"]["save_dir"] == "/tmp/elsewhere"
     checkpoint = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
     assert checkpoint["init_args"]["dirpath"] == "/tmp/elsewhere/checkpoints"
+
+
+def test_the_slurm_overlay_adds_a_slurm_environment_without_auto_requeue_to_the_recipe_plugins(capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    for recipe in RECIPES:
+        recipe_plugins = print_config(capsys, "fit", recipe)["trainer"]["plugins"]
+        config = print_config(capsys, "fit", recipe, "cluster/slurm.yaml")
+        *kept, environment = config["trainer"]["plugins"]
+        assert kept == recipe_plugins
+        assert environment["class_path"].endswith("SLURMEnvironment") and environment["init_args"]["auto_requeue"] is False
+        assert config["trainer"]["logger"]["init_args"]["id"] == "slurm-4242"
 
 
 def test_wandb_is_offline_unless_asked(capsys, monkeypatch):
