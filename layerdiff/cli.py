@@ -39,4 +39,6 @@ class LayerdiffCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     cli = LayerdiffCLI(args=args)
     # 128 + signal number when a signal stopped the run and no requeue continues it
-    sys.exit(exit_code_of(cli.trainer))
+    code = exit_code_of(cli.trainer)
+    if code:
+        sys.exit(code)

@@ -76,6 +76,8 @@ def overlay_settings(files: tuple[str, ...]) -> dict[tuple[str, str], tuple[str,
             for key, value in values.get("init_args", values).items():
                 if isinstance(value, (str, int, float, bool)) and "${" not in str(value):
                     settings[section, key] = (name, value)
+                else:  # not compared, and no earlier plain value of it holds any more
+                    settings.pop((section, key), None)
     return settings
 
 
