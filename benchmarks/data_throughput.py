@@ -1,6 +1,6 @@
 """Data pipeline throughput: raw PNG decode vs. the ShardDataModule loader, and the shard writer.
 
-    python benchmarks/data_throughput.py [--size 256] [--samples 400] [--no-write]
+    python -m benchmarks.data_throughput [--size 256] [--samples 400] [--no-write]
 
 Builds demo shards in a temporary folder, then measures on the same shards:
 
@@ -132,7 +132,7 @@ def main() -> None:
     )
     section = (
         f"{SECTION_TITLE}\n\n"
-        f"`python benchmarks/data_throughput.py` on {machine_description()}; {args.size} px demo shards "
+        f"`python -m benchmarks.data_throughput` on {machine_description()}; {args.size} px demo shards "
         f"({args.samples} training samples, {len(shards)} shards), batch size {args.batch_size}, "
         f"best of {args.repeats} interleaved runs; loader rates exclude the wait for the first batch "
         f"(worker start-up, shuffle-buffer fill), given beside them; 1-minute load average "
