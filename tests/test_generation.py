@@ -108,7 +108,9 @@ def test_a_seed_gives_the_same_image_in_any_batch(module):
     assert torch.equal(first, rgba(generate(module, seeds=(1, 2))))
     assert not torch.allclose(first[0], first[1])
     alone = rgba(generate(module, prompts=["a glass cup"], seeds=[2]))
-    torch.testing.assert_close(alone[0], first[1], atol=1e-4, rtol=0)  # batched matmuls round differently
+    # Batched matmuls round differently, and how much depends on the kernels the CPU's load picks
+    # (up to 6e-4 seen): the same image means equal within half a level of the 8-bit PNG.
+    torch.testing.assert_close(alone[0], first[1], atol=0.5 / 255, rtol=0)
 
 
 def test_guidance_and_negative_prompt_change_the_image(module):
