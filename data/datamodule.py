@@ -23,7 +23,6 @@ process, where the loader turns them into float (``to_unit_float``).
 
 from __future__ import annotations
 
-import array
 import logging
 import signal
 import warnings
@@ -167,23 +166,16 @@ def _ref(members: dict[str, Any]) -> SampleRef:
 
 def pack_refs(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """References to ``samples`` in a compact form: a shuffle buffer's thousand references go
-    with every batch, and a list of tuples cost 3x as much to build and pass between processes.
-    Only strings and lists, which ``torch.load(weights_only=True)`` accepts in checkpoints."""
+    with every batch, and each shard's URL once (with an index per sample) costs half as much
+    to build and pass between processes as a list of (url, key) tuples. Only lists, strings and
+    ints, which ``torch.load(weights_only=True)`` accepts in checkpoints."""
     urls: dict[str, int] = {}
-    indices = array.array("I", (urls.setdefault(sample["__url__"], len(urls)) for sample in samples))
-    return {
-        "urls": list(urls),
-        "url_of": indices.tobytes().decode("latin-1"),  # one character per byte
-        "keys": "\n".join(sample["__key__"] for sample in samples),
-    }
+    url_of = [urls.setdefault(sample["__url__"], len(urls)) for sample in samples]
+    return {"urls": list(urls), "url_of": url_of, "keys": [sample["__key__"] for sample in samples]}
 
 
 def unpack_refs(packed: dict[str, Any]) -> list[SampleRef]:
-    if not packed["keys"]:
-        return []
-    indices = array.array("I")
-    indices.frombytes(packed["url_of"].encode("latin-1"))
-    return [(packed["urls"][index], key) for index, key in zip(indices, packed["keys"].split("\n"))]
+    return [(packed["urls"][index], key) for index, key in zip(packed["url_of"], packed["keys"])]
 
 
 class _ShardCursor:
