@@ -348,3 +348,14 @@ def test_missing_hub_model_in_offline_mode(tmp_path: Path) -> None:
     assert "could not be found locally" in message and "or downloaded" in message
     assert "offline mode is on" in message
     assert "add `-c configs/demo/transparent_vae.yaml` to train on the embedded tiny model" in message
+
+
+def test_sd15_unet_config_has_sd15s_cross_attention_width():
+    from diffusers import UNet2DConditionModel
+
+    from layerdiff.models.base import SD15_UNET_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(SD15_UNET_CONFIG)
+    weight = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight
+    assert tuple(weight.shape) == (320, 768)

@@ -67,6 +67,7 @@ SD15_UNET_CONFIG = {
     "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     "layers_per_block": 2,
+    "cross_attention_dim": 768,  # CLIP ViT-L/14's width; diffusers' default 1280 is not SD1.5's
 }
 
 # (tokenizer, text encoder) subfolder pairs in pipeline order: SD1.5 has the first, SDXL both.
