@@ -165,3 +165,18 @@ def test_augmentation_is_the_median_of_the_eight_inverted_variants(height, width
     assert augmented.shape == (2, 4, height, width)
     torch.testing.assert_close(augmented, expected)
     assert not torch.allclose(augmented, decoder(pixel, latent).clamp(0, 1))
+
+
+def test_released_padding_blends_the_fill_into_semi_transparent_pixels_by_hand():
+    from layerdiff.models.codec import encoder_input_rgb
+
+    # One row, so the pyramid has one level: fill = sum(rgb * a) / sum(a) = (2/3, 0, 1/3).
+    # The last pixel's colour (under alpha = 0) is whatever the shard padded it with: ignored.
+    rgb = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.5]]).T.reshape(1, 3, 1, 3)
+    alpha = torch.tensor([1.0, 0.5, 0.0]).reshape(1, 1, 1, 3)
+    released = encoder_input_rgb(rgb, alpha, "released")
+    expected = torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 0.0, 2 / 3], [2 / 3, 0.0, 1 / 3]]).T.reshape(1, 3, 1, 3)
+    torch.testing.assert_close(released, expected)
+    assert encoder_input_rgb(rgb, alpha, "straight") is rgb
+    with pytest.raises(ValueError, match="input_convention"):
+        LatentTransparencyEncoder(input_convention="premultiplied")

@@ -3,13 +3,14 @@
 Both follow the released LayerDiffuse modules module-for-module, so that their state dicts
 *are* the released ``vae_transparent_encoder.safetensors`` / ``vae_transparent_decoder.safetensors``
 layouts (``LatentTransparencyOffsetEncoder`` and ``UNet1024`` in the released
-``lib_layerdiffuse/vae.py``). Load and save those files with ``layerdiff.export``.
+``lib_layerdiffuse/vae.py``). Load and save those files with ``layerdiff.formats.layerdiffuse_vae``.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ LATENT_DOWNSCALE = 8
 RELEASED_DECODER_WIDTHS = (32, 32, 64, 128, 256, 512, 512)
 _DOWN_BLOCK_TYPES = ("DownBlock2D",) * 4 + ("AttnDownBlock2D",) * 3
 _UP_BLOCK_TYPES = ("AttnUpBlock2D",) * 3 + ("UpBlock2D",) * 4
+# The colour the encoder sees: "straight" (ours: the visible colour unchanged where alpha > 0) or
+# "released" (the released ``pad_rgb``: colour * alpha + fill * (1 - alpha) there).
+InputConvention = Literal["straight", "released"]
 # down_blocks[3] is the first block working at H/8, the latent's resolution.
 _LATENT_INJECTION_BLOCK = 3
 
@@ -36,13 +40,20 @@ class LatentTransparencyEncoder(nn.Module):
     The released ``TransparentVAEEncoder`` multiplies the network's output by 300 ("similar to
     LoRA's alpha", so the zero-initialised head does not start out too small) and uses the
     product as the Gaussian sample noise: ``x_a = mean + std * offset``. ``forward`` includes that
-    factor, so weights trained here drop into the released inference code unchanged.
+    factor (the exports fold it into the last convolution for consumers that do not apply it).
+
+    ``input_convention`` is the padded colour the weights expect (:data:`InputConvention`);
+    ``layerdiff.models.codec.encoder_input_rgb`` converts our straight-colour shards to it. It is
+    set by whoever loads weights (the released files: ``"released"``) and written into exports.
     """
 
     offset_scale = 300.0
 
-    def __init__(self) -> None:
+    def __init__(self, input_convention: InputConvention = "straight") -> None:
         super().__init__()
+        if input_convention not in get_args(InputConvention):
+            raise ValueError(f"input_convention must be one of {get_args(InputConvention)}, got {input_convention!r}")
+        self.input_convention: InputConvention = input_convention
         widths = (32, 32, 64, 64, 128, 128, 256, 256)
         strides = (1, 1, 2, 1, 2, 1, 2, 1)
         layers: list[nn.Module] = []
