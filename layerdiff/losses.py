@@ -1,6 +1,7 @@
 """Loss functions as pure functions of tensors, each naming the equation it implements.
 
-"LD" is LayerDiffusion (Zhang & Agrawala 2024, ``papers/layerdiffusion.txt``). Norms
+"LD" is LayerDiffusion (Zhang & Agrawala 2024, arXiv:2402.17113); the diffusion objective
+(LD eq. 7) is in :mod:`layerdiff.diffusion`. Norms
 written ``||.||_2`` in the paper are implemented as per-element mean squared errors, the
 usual reading in latent-diffusion code (it only rescales the loss weights).
 """
@@ -77,41 +78,3 @@ def transparent_vae_generator_loss(
     if adversarial is not None:
         total = total + adversarial_weight * adversarial
     return total
-
-
-# -- diffusion on adjusted latents (LD sec. 3.2) -------------------------------------------
-
-
-def signal_to_noise_ratio(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """``SNR(t) = alpha_bar_t / (1 - alpha_bar_t)`` of a variance-preserving schedule."""
-    alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
-    return alpha_bar / (1.0 - alpha_bar)
-
-
-def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 10 and its v-prediction form).
-
-    The ideal x0-loss weight ``min(SNR, gamma)`` expressed for the network's target: divided
-    by ``SNR`` for epsilon prediction and by ``SNR + 1`` for v prediction.
-    """
-    clipped = snr.clamp(max=gamma)
-    if prediction_type == "epsilon":
-        return clipped / snr
-    if prediction_type == "v_prediction":
-        return clipped / (snr + 1.0)
-    raise ValueError(f"min-SNR weighting is defined for 'epsilon' and 'v_prediction', not {prediction_type!r}")
-
-
-def diffusion_loss(
-    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """LD eq. 7: ``E || target - f_theta(x_t, t, c) ||_2^2`` on adjusted latents ``x_a``.
-
-    ``target`` is the noise for epsilon prediction or the velocity for v prediction.
-    ``weights`` (one per sample, e.g. ``min_snr_weights``) reweight the per-sample errors.
-    Computed in float32 whatever the autocast dtype of ``prediction``.
-    """
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if weights is not None:
-        per_sample = per_sample * weights
-    return per_sample.mean()

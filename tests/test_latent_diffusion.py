@@ -12,7 +12,7 @@ from lightning.pytorch import Trainer
 from test_data_support import write_tiny_shards
 
 from data import ShardDataModule
-from layerdiff import losses
+from layerdiff import diffusion
 from layerdiff.modules import LatentDiffusionModule
 from layerdiff.modules.latent_diffusion import rank_seed
 
@@ -130,10 +130,10 @@ def test_v_prediction_targets_the_velocity(tiny_sdxl, tiny_transparent_vae):
 
 def test_min_snr_weights_follow_the_paper():
     snr = torch.tensor([0.5, 5.0, 50.0])
-    assert torch.allclose(losses.min_snr_weights(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.1]))
-    assert torch.allclose(losses.min_snr_weights(snr, 5.0, "v_prediction"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
+    assert torch.allclose(diffusion.min_snr_weights(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.1]))
+    assert torch.allclose(diffusion.min_snr_weights(snr, 5.0, "v_prediction"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
     prediction, target = torch.zeros(3, 1, 2, 2), torch.ones(3, 1, 2, 2)
-    assert torch.isclose(losses.diffusion_loss(prediction, target, torch.tensor([1.0, 0.0, 0.5])), torch.tensor(0.5))
+    assert torch.isclose(diffusion.denoising_loss(prediction, target, torch.tensor([1.0, 0.0, 0.5])), torch.tensor(0.5))
 
 
 def test_caption_dropout_trains_on_the_empty_prompt(tiny_sdxl, tiny_transparent_vae):

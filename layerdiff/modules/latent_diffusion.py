@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from peft import LoraConfig
 
-from layerdiff import losses
+from layerdiff import diffusion
 from layerdiff.distributed import shard_trained_parts
 from layerdiff.export import load_transparency_models
 from layerdiff.models import codec
@@ -26,6 +25,7 @@ from layerdiff.models.text import PromptEmbeddings, encode_prompts, sdxl_time_id
 from layerdiff.modules.base import FrozenBaseModule
 from layerdiff.optim import LearningRateSchedule, OptimizerName, build_lr_schedule, build_optimizer
 from layerdiff.pipelines import CommunityLora, GeneratedImage, PromptBatch, TransparentImageGenerator
+from layerdiff.resume import rank_seed
 
 LORA_ADAPTER = "layerdiff"
 # The released SDXL transparent LoRA: the four projections of self- and cross-attention.
@@ -33,13 +33,6 @@ RELEASED_LORA_TARGETS = (
     "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
     "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
 )  # fmt: skip
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """Seed of one data-parallel rank's noise generator: distinct, reproducible streams per
-    ``(seed, rank)`` (numpy's SeedSequence mixes them; ``seed + rank`` would make rank 1 of
-    seed 0 replay rank 0 of seed 1)."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class LatentDiffusionModule(FrozenBaseModule):
@@ -194,21 +187,14 @@ class LatentDiffusionModule(FrozenBaseModule):
         """LD eq. 7 on one batch; every random draw comes from ``generator`` (on the CPU, so
         a seed gives the same noise on any device), in a fixed order."""
         latents = self.diffusion_latents(batch)
-        batch_size = latents.shape[0]
-        drop = torch.rand(batch_size, generator=generator) < self.hparams.caption_dropout
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
-        if self.hparams.noise_offset:
-            channel_offset = torch.randn(batch_size, latents.shape[1], 1, 1, generator=generator)
-            noise = noise + self.hparams.noise_offset * channel_offset
-        timesteps, noise = timesteps.to(latents.device), noise.to(latents.device, latents.dtype)
+        hp, alphas_cumprod = self.hparams, self.noise_scheduler.alphas_cumprod
+        draws = diffusion.draw(generator, [latents.shape], self.noise_scheduler.config.num_train_timesteps,
+                               hp.caption_dropout, hp.noise_offset)
+        timesteps = draws.timesteps.to(latents.device)
+        noise = draws.noise[0].to(latents.device, latents.dtype)
 
-        prompts = self._prompt_embeddings(batch, drop)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.prediction_type == "epsilon":
-            target = noise
-        else:
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        prompts = self._prompt_embeddings(batch, draws.drop[0])
+        noisy = diffusion.add_noise(alphas_cumprod, latents, noise, timesteps)
         prediction = self.unet(
             noisy,
             timesteps,
@@ -217,10 +203,11 @@ class LatentDiffusionModule(FrozenBaseModule):
         ).sample
 
         weights = None
-        if self.hparams.min_snr_gamma is not None:
-            snr = losses.signal_to_noise_ratio(self.noise_scheduler.alphas_cumprod, timesteps)
-            weights = losses.min_snr_weights(snr, self.hparams.min_snr_gamma, self.prediction_type)
-        return {"loss": losses.diffusion_loss(prediction, target, weights)}
+        if hp.min_snr_gamma is not None:
+            snr = diffusion.signal_to_noise_ratio(alphas_cumprod, timesteps)
+            weights = diffusion.min_snr_weights(snr, hp.min_snr_gamma, self.prediction_type)
+        target = diffusion.target(self.prediction_type, alphas_cumprod, latents, noise, timesteps)
+        return {"loss": diffusion.denoising_loss(prediction, target, weights)}
 
     def on_fit_start(self) -> None:
         if not self._noise_generator_restored:

@@ -1,0 +1,146 @@
+"""The diffusion training step as pure functions of tensors (k-diffusion style), shared by every
+objective that fine-tunes a UNet: single latents (LayerDiffusion arXiv:2402.17113 sec. 3.2,
+eq. 7), several layers denoised together, some of them clean conditions (sec. 3.3, eq. 8-9),
+and objectives that add losses on the predicted clean latent (DiffuMatting arXiv:2403.06168).
+
+A step is: :func:`draw` (caption dropout, timesteps, noise: every random number, from one
+generator, in a fixed order) -> :func:`add_noise` -> the UNet -> :func:`target` and
+:func:`predicted_clean` -> :func:`min_snr_weights` -> :func:`denoising_loss`.
+
+Several latents of one sample (layers) share its timestep and each have their own noise and
+caption dropout; a layer marked clean is given to the UNet as it is (no noise) and carries no
+loss. Schedules are variance preserving, described by ``alphas_cumprod`` (``alpha_bar_t``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+PredictionType = Literal["epsilon", "v_prediction"]
+
+
+@dataclass
+class Draws:
+    """The random part of one training step.
+
+    ``drop`` is ``[layers, B]`` (True: that layer of that sample is trained on the empty
+    caption), ``timesteps`` is ``[B]`` (shared by the layers of a sample), ``noise`` one tensor
+    per layer, shaped like its latent.
+    """
+
+    drop: torch.Tensor
+    timesteps: torch.Tensor
+    noise: list[torch.Tensor]
+
+
+def draw(
+    generator: torch.Generator,
+    shapes: Sequence[torch.Size | tuple[int, ...]],
+    num_train_timesteps: int,
+    caption_dropout: float = 0.0,
+    noise_offset: float = 0.0,
+) -> Draws:
+    """Every random number of a step for latents of ``shapes`` (one per layer, equal batch size).
+
+    Order (fixed, so a seed gives one step on any device: ``generator`` lives on the CPU): the
+    dropout of every layer of every sample, the timesteps, then per layer its noise and, with
+    ``noise_offset`` (offset noise, Guttenberg 2023), its per-channel offset.
+    """
+    batch_size = shapes[0][0]
+    if any(shape[0] != batch_size for shape in shapes):
+        raise ValueError(f"every layer's latents need the same batch size; got shapes {[tuple(s) for s in shapes]}")
+    drop = (torch.rand(len(shapes) * batch_size, generator=generator) < caption_dropout).reshape(len(shapes), batch_size)
+    timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
+    noise = []
+    for shape in shapes:
+        layer_noise = torch.randn(tuple(shape), generator=generator)
+        if noise_offset:
+            offset = torch.randn(batch_size, shape[1], *([1] * (len(shape) - 2)), generator=generator)
+            layer_noise = layer_noise + noise_offset * offset
+        noise.append(layer_noise)
+    return Draws(drop, timesteps, noise)
+
+
+def _schedule_at(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sqrt(alpha_bar_t)`` and ``sqrt(1 - alpha_bar_t)`` broadcastable to ``like``."""
+    alpha_bar = alphas_cumprod.to(device=like.device, dtype=like.dtype)[timesteps.to(like.device)]
+    shape = (-1,) + (1,) * (like.ndim - 1)
+    return (alpha_bar**0.5).reshape(shape), ((1 - alpha_bar) ** 0.5).reshape(shape)
+
+
+def add_noise(alphas_cumprod: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The forward process ``x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps`` (DDPM, Ho et al.
+    2020 eq. 4), computed as diffusers' ``DDPMScheduler.add_noise`` does (same numbers)."""
+    signal, sigma = _schedule_at(alphas_cumprod, timesteps, latents)
+    return signal * latents + sigma * noise
+
+
+def target(
+    prediction_type: PredictionType,
+    alphas_cumprod: torch.Tensor,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """What the UNet learns to output: the noise ``eps`` (epsilon prediction), or the velocity
+    ``v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0`` (Salimans & Ho 2022, sec. 4)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        signal, sigma = _schedule_at(alphas_cumprod, timesteps, latents)
+        return signal * noise - sigma * latents
+    raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction'; got {prediction_type!r}")
+
+
+def predicted_clean(
+    prediction_type: PredictionType,
+    alphas_cumprod: torch.Tensor,
+    noisy: torch.Tensor,
+    prediction: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """The clean latent ``x_0`` implied by a prediction at ``x_t``: ``(x_t - sigma eps) / signal`` for
+    epsilon, ``signal x_t - sigma v`` for v prediction (for losses on the predicted image)."""
+    signal, sigma = _schedule_at(alphas_cumprod, timesteps, noisy)
+    if prediction_type == "epsilon":
+        return (noisy - sigma * prediction) / signal
+    if prediction_type == "v_prediction":
+        return signal * noisy - sigma * prediction
+    raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction'; got {prediction_type!r}")
+
+
+def signal_to_noise_ratio(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """``SNR(t) = alpha_bar_t / (1 - alpha_bar_t)`` of a variance-preserving schedule."""
+    alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: PredictionType) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, arXiv:2303.09556 eq. 10 and its v form).
+
+    The ideal x0-loss weight ``min(SNR, gamma)`` expressed for the network's target: divided
+    by ``SNR`` for epsilon prediction and by ``SNR + 1`` for v prediction.
+    """
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    raise ValueError(f"min-SNR weighting is defined for 'epsilon' and 'v_prediction', not {prediction_type!r}")
+
+
+def denoising_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerDiffusion eq. 7: ``E || target - f_theta(x_t, t, c) ||_2^2`` (per-element mean).
+
+    ``weights`` (one per sample, e.g. :func:`min_snr_weights`; zero for a clean condition layer)
+    reweight the per-sample errors. Computed in float32 whatever the autocast dtype.
+    """
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()
