@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.common import machine_description, report
 from layerdiff.models.base import SDXL_UNET_CONFIG
 from layerdiff.models.tiny import make_unet
-from layerdiff.modules.latent_diffusion import RELEASED_LORA_TARGETS
+from layerdiff.models.lora import RELEASED_LORA_TARGETS
 from layerdiff.optim import build_optimizer
 
 SECTION_TITLE = "## UNet training step"

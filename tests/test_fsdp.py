@@ -485,7 +485,7 @@ def test_a_lora_block_is_one_unit_of_its_factors_while_base_weights_stay_whole(t
 
     from layerdiff.distributed import ShardingSettings, parallelize
     from layerdiff.models.base import load_unet
-    from layerdiff.modules.latent_diffusion import LORA_ADAPTER, RELEASED_LORA_TARGETS
+    from layerdiff.models.lora import DEFAULT_ADAPTER as LORA_ADAPTER, RELEASED_LORA_TARGETS
     from layerdiff.optim import build_optimizer
 
     unet = load_unet(str(tiny_sdxl)).requires_grad_(False)

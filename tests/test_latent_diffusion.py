@@ -14,7 +14,7 @@ from test_data_support import write_tiny_shards
 from data import ShardDataModule
 from layerdiff import diffusion
 from layerdiff.modules import LatentDiffusionModule
-from layerdiff.modules.latent_diffusion import rank_seed
+from layerdiff.resume import rank_seed
 
 REPO = Path(__file__).resolve().parents[1]
 

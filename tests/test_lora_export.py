@@ -34,7 +34,7 @@ from layerdiff.export_lora import (
 )
 from layerdiff.models.base import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, load_unet
 from layerdiff.modules import LatentDiffusionModule
-from layerdiff.modules.latent_diffusion import LORA_ADAPTER, RELEASED_LORA_TARGETS
+from layerdiff.models.lora import DEFAULT_ADAPTER as LORA_ADAPTER, RELEASED_LORA_TARGETS
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(num_workers|does not have many workers|LeafSpec):")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from peft import LoraConfig
 
 from layerdiff import diffusion
 from layerdiff.distributed import shard_trained_parts
@@ -21,18 +20,13 @@ from layerdiff.models.base import (
     load_unet,
     load_vae,
 )
+from layerdiff.models.lora import DEFAULT_ADAPTER, RELEASED_LORA_TARGETS, add_lora
 from layerdiff.models.text import PromptEmbeddings, encode_prompts, sdxl_time_ids
 from layerdiff.modules.base import FrozenBaseModule
 from layerdiff.optim import LearningRateSchedule, OptimizerName, build_lr_schedule, build_optimizer
 from layerdiff.pipelines import CommunityLora, GeneratedImage, PromptBatch, TransparentImageGenerator
 from layerdiff.resume import rank_seed
 
-LORA_ADAPTER = "layerdiff"
-# The released SDXL transparent LoRA: the four projections of self- and cross-attention.
-RELEASED_LORA_TARGETS = (
-    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
-)  # fmt: skip
 
 
 class LatentDiffusionModule(FrozenBaseModule):
@@ -122,16 +116,7 @@ class LatentDiffusionModule(FrozenBaseModule):
         # from_pretrained returns eval mode, which Lightning keeps: the trained part is set to train.
         self.unet = load_unet(base_model, revision=base_revision, demo_recipe=demo_recipe).train()
         if lora_rank is not None:
-            self.unet.requires_grad_(False)
-            self.unet.add_adapter(
-                LoraConfig(
-                    r=lora_rank,
-                    lora_alpha=lora_alpha or lora_rank,
-                    target_modules=list(lora_targets),
-                    init_lora_weights="gaussian",
-                ),
-                adapter_name=LORA_ADAPTER,
-            )
+            add_lora(self.unet, DEFAULT_ADAPTER, lora_rank, lora_alpha, lora_targets)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
 
