@@ -1,15 +1,12 @@
 """The diffusion training step as pure functions of tensors (k-diffusion style), shared by every
-objective that fine-tunes a UNet: single latents (LayerDiffusion arXiv:2402.17113 sec. 3.2,
-eq. 7), several layers denoised together, some of them clean conditions (sec. 3.3, eq. 8-9),
-and objectives that add losses on the predicted clean latent (DiffuMatting arXiv:2403.06168).
+objective that fine-tunes a UNet: one latent per sample (LayerDiffusion arXiv:2402.17113 sec.
+3.2, eq. 7) or several layers of one sample denoised together (sec. 3.3, eq. 8-9).
 
 A step is: :func:`draw` (caption dropout, timesteps, noise: every random number, from one
-generator, in a fixed order) -> :func:`add_noise` -> the UNet -> :func:`target` and
-:func:`predicted_clean` -> :func:`min_snr_weights` -> :func:`denoising_loss`.
-
-Several latents of one sample (layers) share its timestep and each have their own noise and
-caption dropout; a layer marked clean is given to the UNet as it is (no noise) and carries no
-loss. Schedules are variance preserving, described by ``alphas_cumprod`` (``alpha_bar_t``).
+generator, in a fixed order) -> :func:`add_noise` -> the UNet -> :func:`target` ->
+:func:`min_snr_weights` -> :func:`denoising_loss`. The layers of a sample share its timestep
+and each have their own noise and caption dropout. Schedules are variance preserving,
+described by ``alphas_cumprod`` (``alpha_bar_t``).
 """
 
 from __future__ import annotations
@@ -97,23 +94,6 @@ def target(
     raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction'; got {prediction_type!r}")
 
 
-def predicted_clean(
-    prediction_type: PredictionType,
-    alphas_cumprod: torch.Tensor,
-    noisy: torch.Tensor,
-    prediction: torch.Tensor,
-    timesteps: torch.Tensor,
-) -> torch.Tensor:
-    """The clean latent ``x_0`` implied by a prediction at ``x_t``: ``(x_t - sigma eps) / signal`` for
-    epsilon, ``signal x_t - sigma v`` for v prediction (for losses on the predicted image)."""
-    signal, sigma = _schedule_at(alphas_cumprod, timesteps, noisy)
-    if prediction_type == "epsilon":
-        return (noisy - sigma * prediction) / signal
-    if prediction_type == "v_prediction":
-        return signal * noisy - sigma * prediction
-    raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction'; got {prediction_type!r}")
-
-
 def signal_to_noise_ratio(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """``SNR(t) = alpha_bar_t / (1 - alpha_bar_t)`` of a variance-preserving schedule."""
     alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
@@ -137,7 +117,7 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: Prediction
 def denoising_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """LayerDiffusion eq. 7: ``E || target - f_theta(x_t, t, c) ||_2^2`` (per-element mean).
 
-    ``weights`` (one per sample, e.g. :func:`min_snr_weights`; zero for a clean condition layer)
+    ``weights`` (one per sample, e.g. :func:`min_snr_weights`)
     reweight the per-sample errors. Computed in float32 whatever the autocast dtype.
     """
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 from os import PathLike
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -76,26 +76,34 @@ def pad_transparent_rgb(rgba: np.ndarray, shrink: float = 1.2) -> np.ndarray:
     if float(alpha.max()) <= 0.0:
         return np.full(rgba.shape[:2] + (3,), 0.5, dtype=np.float32)
 
+    fill = pyramid_fill(rgb, alpha, shrink)
+    padded = torch.where(alpha > 0, rgb, fill.clamp(0.0, 1.0))
+    return padded[0].permute(1, 2, 0).numpy()
+
+
+def pyramid_fill(
+    rgb: torch.Tensor, alpha: torch.Tensor, shrink: float = 1.2, *, stop: Literal["both_sides", "shorter_side"] = "both_sides"
+) -> torch.Tensor:
+    """The released code's padding pyramid on ``[B, 3, H, W]`` colour and ``[B, 1, H, W]`` alpha:
+    ``colour * alpha + fill * (1 - alpha)`` in every pixel.
+
+    Premultiplied colour and alpha shrink by ``shrink`` per level (area averaging) until both
+    sides (ours) or the shorter side (the released ``pad_rgb``) reach one pixel; from the
+    alpha-weighted mean colour there, each level upsamples the fill bilinearly and sets
+    ``fill = colour_l * alpha_l + fill * (1 - alpha_l)``. Colour under zero alpha never enters.
+    """
     levels = [(rgb * alpha, alpha)]
-    height, width = rgba.shape[:2]
-    while height > 1 or width > 1:
+    height, width = alpha.shape[-2:]
+    while (min(height, width) if stop == "shorter_side" else max(height, width)) > 1:
         height, width = max(1, int(height / shrink)), max(1, int(width / shrink))
         premultiplied, coverage = levels[-1]
-        levels.append(
-            (
-                F.interpolate(premultiplied, size=(height, width), mode="area"),
-                F.interpolate(coverage, size=(height, width), mode="area"),
-            )
-        )
-
+        levels.append(tuple(F.interpolate(image, size=(height, width), mode="area") for image in (premultiplied, coverage)))
     coarsest_colour, coarsest_alpha = levels[-1]
-    fill = coarsest_colour.sum(dim=(2, 3), keepdim=True) / coarsest_alpha.sum(dim=(2, 3), keepdim=True)
+    fill = coarsest_colour.sum(dim=(2, 3), keepdim=True) / coarsest_alpha.sum(dim=(2, 3), keepdim=True).clamp_min(1e-8)
     for premultiplied, coverage in reversed(levels):
         fill = F.interpolate(fill, size=premultiplied.shape[2:], mode="bilinear", align_corners=False)
         fill = premultiplied + fill * (1.0 - coverage)
-
-    padded = torch.where(alpha > 0, rgb, fill.clamp(0.0, 1.0))
-    return padded[0].permute(1, 2, 0).numpy()
+    return fill
 
 
 def premultiply_on_grey(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

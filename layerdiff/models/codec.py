@@ -10,38 +10,11 @@ VAE config, what the UNet learns).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
 from layerdiff.models.transparency import InputConvention, LatentTransparencyEncoder, decode_with_augmentation
-from layerdiff.rgba import premultiply_on_grey
-
-
-RELEASED_PAD_SHRINK = 1.2
-
-
-def released_padded_rgb(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """The released ``pad_rgb`` colour from straight colour: ``colour * alpha + fill * (1 - alpha)``
-    in every pixel, ``fill`` rebuilt from an alpha pyramid (LayerDiffusion Appendix A).
-
-    Premultiplied colour and alpha shrink by 1.2 per level (area averaging) until the shorter
-    side is one pixel; from the alpha-weighted mean colour at the top, each level upsamples the
-    fill bilinearly and sets ``fill = colour_l * alpha_l + fill * (1 - alpha_l)``. Only visible
-    colour enters (``rgb * alpha``), so whatever fill the shards hold under alpha = 0 is ignored.
-    """
-    levels = [(rgb * alpha, alpha)]
-    height, width = alpha.shape[-2:]
-    while min(height, width) > 1:
-        height, width = max(1, int(height / RELEASED_PAD_SHRINK)), max(1, int(width / RELEASED_PAD_SHRINK))
-        premultiplied, coverage = levels[-1]
-        levels.append(tuple(F.interpolate(image, size=(height, width), mode="area") for image in (premultiplied, coverage)))
-    top_colour, top_alpha = levels[-1]
-    fill = top_colour.sum(dim=(2, 3), keepdim=True) / top_alpha.sum(dim=(2, 3), keepdim=True).clamp_min(1e-8)
-    for premultiplied, coverage in reversed(levels):
-        fill = F.interpolate(fill, size=premultiplied.shape[2:], mode="bilinear", align_corners=False)
-        fill = premultiplied + fill * (1.0 - coverage)
-    return fill
+from layerdiff.rgba import premultiply_on_grey, pyramid_fill
 
 
 def encoder_input_rgb(rgb: torch.Tensor, alpha: torch.Tensor, convention: InputConvention) -> torch.Tensor:
@@ -49,7 +22,7 @@ def encoder_input_rgb(rgb: torch.Tensor, alpha: torch.Tensor, convention: InputC
     if convention == "straight":
         return rgb
     if convention == "released":
-        return released_padded_rgb(rgb, alpha)
+        return pyramid_fill(rgb, alpha, stop="shorter_side")  # the released pad_rgb
     raise ValueError(f"unknown encoder input convention {convention!r}; expected 'straight' or 'released'")
 
 

@@ -26,9 +26,9 @@ def add_lora(
     rank: int = 256,
     alpha: float | None = None,
     targets: Sequence[str] = RELEASED_LORA_TARGETS,
-) -> list[torch.nn.Parameter]:
+) -> None:
     """Add the adapter ``name`` (scale ``alpha / rank``, ``alpha`` defaulting to the rank) on the
-    modules whose names end with ``targets``; the base weights are frozen. Returns its factors.
+    modules whose names end with ``targets``; the base weights are frozen.
 
     Its up factors start at zero (peft's "gaussian" init), so the UNet is unchanged until trained.
     """
@@ -39,13 +39,4 @@ def add_lora(
         LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights="gaussian"),
         adapter_name=name,
     )
-    return adapter_parameters(unet, name)
 
-
-def adapter_parameters(unet: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
-    """The factors of adapter ``name`` (peft names them ``...lora_A.<name>.weight``)."""
-    parameters = [parameter for key, parameter in unet.named_parameters() if f".lora_A.{name}." in key
-                  or f".lora_B.{name}." in key]
-    if not parameters:
-        raise KeyError(f"the UNet has no LoRA adapter named {name!r}")
-    return parameters

@@ -28,7 +28,6 @@ from layerdiff.pipelines import CommunityLora, GeneratedImage, PromptBatch, Tran
 from layerdiff.resume import rank_seed
 
 
-
 class LatentDiffusionModule(FrozenBaseModule):
     """Trains the base UNet on adjusted latents ``x_a`` with LD eq. 7.
 
