@@ -1,11 +1,56 @@
-"""Train, validate, test or sample with a YAML recipe.
+"""Train, validate, test or sample with a YAML recipe: the composition root, where the
+library (``layerdiff``), the data pipeline (``data``) and the callbacks meet.
 
     python train.py fit -c configs/transparent_vae.yaml -c configs/demo/transparent_vae.yaml
     python train.py fit -c configs/transparent_vae.yaml --print_config
     python train.py fit --help
+
+LightningCLI with OmegaConf interpolation in YAML recipes.
 """
 
-from layerdiff.cli import main
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+from omegaconf import OmegaConf
+
+from callbacks.preemption import exit_code_of
+
+
+def _wandb_offline() -> bool:
+    """W&B runs offline (no account, no network) unless ``WANDB_MODE=online`` is set."""
+    return os.environ.get("WANDB_MODE", "offline").lower() not in ("online", "run")
+
+
+if not OmegaConf.has_resolver("wandb_offline"):
+    OmegaConf.register_resolver("wandb_offline", _wandb_offline)
+
+
+class LayerdiffCLI(LightningCLI):
+    """``fit``/``validate``/``test``/``predict`` with stacked ``-c`` YAML files.
+
+    The parser runs in ``omegaconf+`` mode: ``${...}`` interpolations are resolved after all
+    ``-c`` files and command-line overrides are merged, so an overlay that changes
+    ``trainer.default_root_dir`` also moves everything that interpolates it.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+"})
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+
+def main(args: list[str] | None = None) -> None:
+    cli = LayerdiffCLI(args=args)
+    # 128 + signal number when a signal stopped the run and no requeue continues it
+    code = exit_code_of(cli.trainer)
+    if code:
+        sys.exit(code)
+
 
 if __name__ == "__main__":
     main()

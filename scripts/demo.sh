@@ -7,4 +7,4 @@ set -euo pipefail
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$repo_root/scripts/setup.sh"
 cd "$repo_root"
-exec python -m layerdiff.demo "$@"
+exec python scripts/demo.py "$@"

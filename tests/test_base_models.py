@@ -317,11 +317,11 @@ def test_missing_hub_model_fails_fast_when_the_hub_is_unreachable(
     base.hub_reachable.cache_clear()
     start = time.perf_counter()
     with pytest.raises(base.BaseModelNotFoundError) as raised:
-        base.load_vae("layerdiff-tests/no-such-model", demo_recipe="joint_lora")
+        base.load_vae("layerdiff-tests/no-such-model")
     assert time.perf_counter() - start < 10
     message = str(raised.value)
     assert "layerdiff-tests/no-such-model" in message and "subfolder 'vae'" in message
-    assert "add `-c configs/demo/joint_lora.yaml` to train on the embedded tiny model" in message
+    assert "set `base_model: embedded:tiny-sdxl`" in message
 
 
 def test_missing_hub_model_in_offline_mode(tmp_path: Path) -> None:
@@ -347,7 +347,7 @@ def test_missing_hub_model_in_offline_mode(tmp_path: Path) -> None:
     assert f"Base model '{SDXL_HUB_ID}' (subfolder 'vae')" in message
     assert "could not be found locally" in message and "or downloaded" in message
     assert "offline mode is on" in message
-    assert "add `-c configs/demo/transparent_vae.yaml` to train on the embedded tiny model" in message
+    assert "set `base_model: embedded:tiny-sdxl`" in message
 
 
 def test_sd15_unet_config_has_sd15s_cross_attention_width():

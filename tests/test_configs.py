@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from layerdiff.cli import LayerdiffCLI
+from train import LayerdiffCLI
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -19,7 +19,7 @@ from test_data_support import write_tiny_shards
 from callbacks import OutputDirectoryCheck, OutputDirectoryError
 from data import ShardDataModule
 from data.schema import FOREGROUND
-from layerdiff.cli import LayerdiffCLI
+from train import LayerdiffCLI
 from layerdiff.modules.base import FrozenBaseModule, NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -50,7 +50,7 @@ import yaml
 from test_data_support import write_tiny_shards
 from test_lora_export import unet_output
 
-from layerdiff.cli import main as train_main
+from train import main as train_main
 from layerdiff.distributed import SHARDED_ENTRIES, is_sharded_checkpoint, read_sharded_checkpoint
 from layerdiff.export import DECODER_FILENAME, EMA_AVERAGES_KEY, load_transparency_models, main as export_main
 from layerdiff.export import read_metadata

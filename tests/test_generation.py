@@ -22,7 +22,7 @@ from test_data_support import write_tiny_shards
 
 from callbacks import RGBAPredictionWriter, TransparentSamples
 from data import PromptDataModule, ShardDataModule
-from layerdiff.cli import LayerdiffCLI
+from train import LayerdiffCLI
 from layerdiff.models.base import load_unet
 from layerdiff.modules import LatentDiffusionModule
 from layerdiff.pipelines import SCHEDULERS, CommunityLora, GenerationSettings, IncompatibleLoraError

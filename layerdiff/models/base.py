@@ -1,7 +1,7 @@
 """The one place pretrained base models (SDXL, SD1.5, the embedded tiny model) are loaded.
 
 A base model is named by a Hugging Face Hub id, a local folder in the diffusers
-``save_pretrained`` layout, or ``embedded:tiny-sdxl`` (built on first use, DESIGN.md §4).
+``save_pretrained`` layout, or ``embedded:tiny-sdxl`` (built on first use).
 Every loader goes through ``locate_component`` first, which settles where the files come
 from without waiting on a network that is not there: a local folder is checked on disk;
 a Hub id is looked up in the Hugging Face cache when offline (``HF_HUB_OFFLINE``) or when
@@ -37,7 +37,6 @@ EMBEDDED_MODELS: dict[str, Callable[[Path], Path]] = {"tiny-sdxl": build_tiny_sd
 # Recipe version of each builder, part of its cache folder name: a changed recipe builds a
 # new folder instead of silently reusing the stale one.
 EMBEDDED_MODEL_VERSIONS: dict[str, int] = {"tiny-sdxl": TINY_SDXL_VERSION}
-DEFAULT_DEMO_RECIPE = "transparent_vae"
 HUB_PROBE_TIMEOUT_S = 3.0
 
 # The file each component folder must hold; its absence means the component is missing.
@@ -142,9 +141,7 @@ def hub_unavailable_reason() -> str | None:
     return None
 
 
-def base_model_not_found(
-    name: str, subfolder: str | None, problem: str, demo_recipe: str = DEFAULT_DEMO_RECIPE
-) -> BaseModelNotFoundError:
+def base_model_not_found(name: str, subfolder: str | None, problem: str) -> BaseModelNotFoundError:
     """The error for ``name``/``subfolder``: what went wrong, then the two ways to fix it."""
     part = f" (subfolder '{subfolder}')" if subfolder else ""
     hub_id = name if is_hub_id(name) else "<hub id>"
@@ -153,8 +150,8 @@ def base_model_not_found(
         "Fix it in one of two ways:\n"
         f"  * download it on a machine with internet, e.g. `hf download {hub_id} --local-dir "
         "/path/to/model`, copy that folder here and point the `base_model` setting at it; or\n"
-        f"  * add `-c configs/demo/{demo_recipe}.yaml` to train on the embedded tiny model "
-        f"(`{EMBEDDED_PREFIX}tiny-sdxl`)."
+        f"  * set `base_model: {EMBEDDED_PREFIX}tiny-sdxl` (the embedded tiny model, built locally) to try a "
+        "recipe without downloads; every recipe has a demo overlay that does this."
     )
 
 
@@ -163,7 +160,6 @@ def locate_component(
     subfolder: str | None,
     required_file: str,
     revision: str | None = None,
-    demo_recipe: str = DEFAULT_DEMO_RECIPE,
 ) -> tuple[str, bool]:
     """Check that ``subfolder/required_file`` of a base model can be had, without hanging.
 
@@ -181,12 +177,11 @@ def locate_component(
                 subfolder,
                 f"the local folder {source} has no '{relative}' (its subfolders: {', '.join(present) or 'none'}); "
                 "a diffusers model folder holds one subfolder per component, as written by `save_pretrained`.",
-                demo_recipe,
             )
         return source, False
     if not is_hub_id(source):
         raise base_model_not_found(
-            pretrained, subfolder, "it is neither an existing local folder nor a Hugging Face Hub id.", demo_recipe
+            pretrained, subfolder, "it is neither an existing local folder nor a Hugging Face Hub id."
         )
     unavailable = hub_unavailable_reason()
     try:
@@ -200,7 +195,6 @@ def locate_component(
             pretrained,
             subfolder,
             f"could not be found locally (no such folder, {where}) or downloaded ({why}).",
-            demo_recipe,
         ) from error
     return source, unavailable is not None
 
@@ -211,7 +205,6 @@ def load_component(
     subfolder: str | None,
     required_file: str,
     revision: str | None = None,
-    demo_recipe: str = DEFAULT_DEMO_RECIPE,
     **kwargs: Any,
 ) -> Loaded:
     """Call a ``from_pretrained``-style ``load`` on a located component.
@@ -219,14 +212,14 @@ def load_component(
     Files other than ``required_file`` (weights, a ``variant``) can still be missing from
     the cache or the Hub; that is reported as ``BaseModelNotFoundError`` too.
     """
-    source, local_files_only = locate_component(pretrained, subfolder, required_file, revision, demo_recipe)
+    source, local_files_only = locate_component(pretrained, subfolder, required_file, revision)
     try:
         return load(source, subfolder=subfolder, revision=revision, local_files_only=local_files_only, **kwargs)
     except OSError as error:
         if Path(source).is_dir():
             raise
         raise base_model_not_found(
-            pretrained, subfolder, f"some files could not be found or downloaded: {error}", demo_recipe
+            pretrained, subfolder, f"some files could not be found or downloaded: {error}"
         ) from error
 
 
@@ -236,7 +229,6 @@ def load_vae(
     revision: str | None = None,
     variant: str | None = None,
     torch_dtype: torch.dtype | None = None,
-    demo_recipe: str = DEFAULT_DEMO_RECIPE,
 ) -> AutoencoderKL:
     """The base model's ``vae`` (the frozen ``E*``/``D*`` of LayerDiffusion sec. 3.1)."""
     return load_component(
@@ -245,7 +237,6 @@ def load_vae(
         "vae",
         MODEL_CONFIG_FILE,
         revision,
-        demo_recipe,
         variant=variant,
         torch_dtype=torch_dtype,
     )
@@ -257,7 +248,6 @@ def load_unet(
     revision: str | None = None,
     variant: str | None = None,
     torch_dtype: torch.dtype | None = None,
-    demo_recipe: str = DEFAULT_DEMO_RECIPE,
 ) -> UNet2DConditionModel:
     """The base model's denoising ``unet``."""
     return load_component(
@@ -266,7 +256,6 @@ def load_unet(
         "unet",
         MODEL_CONFIG_FILE,
         revision,
-        demo_recipe,
         variant=variant,
         torch_dtype=torch_dtype,
     )
@@ -277,7 +266,6 @@ def load_scheduler(
     *,
     revision: str | None = None,
     scheduler_class: type[SchedulerMixin] = DDPMScheduler,
-    demo_recipe: str = DEFAULT_DEMO_RECIPE,
 ) -> SchedulerMixin:
     """The training noise scheduler, built from the base model's ``scheduler`` config.
 
@@ -285,7 +273,7 @@ def load_scheduler(
     beta schedule and prediction type of whatever sampler the checkpoint ships with.
     """
     return load_component(
-        scheduler_class.from_pretrained, pretrained, "scheduler", SCHEDULER_CONFIG_FILE, revision, demo_recipe
+        scheduler_class.from_pretrained, pretrained, "scheduler", SCHEDULER_CONFIG_FILE, revision
     )
 
 
@@ -307,11 +295,10 @@ def load_text_encoders(
     revision: str | None = None,
     variant: str | None = None,
     torch_dtype: torch.dtype | None = None,
-    demo_recipe: str = DEFAULT_DEMO_RECIPE,
 ) -> TextEncoders:
     """Every (tokenizer, text encoder) pair that ``model_index.json`` lists, with its classes."""
     model_index = load_component(
-        DiffusionPipeline.load_config, pretrained, None, MODEL_INDEX_FILE, revision, demo_recipe
+        DiffusionPipeline.load_config, pretrained, None, MODEL_INDEX_FILE, revision
     )
     tokenizers, encoders = [], []
     for tokenizer_folder, encoder_folder in TEXT_ENCODER_SUBFOLDERS:
@@ -327,7 +314,6 @@ def load_text_encoders(
                 tokenizer_folder,
                 TOKENIZER_CONFIG_FILE,
                 revision,
-                demo_recipe,
             )
         )
         encoders.append(
@@ -337,7 +323,6 @@ def load_text_encoders(
                 encoder_folder,
                 MODEL_CONFIG_FILE,
                 revision,
-                demo_recipe,
                 variant=variant,
                 dtype=torch_dtype,
             )
@@ -346,7 +331,7 @@ def load_text_encoders(
 
 
 def detect_architecture(
-    pretrained: str, *, revision: str | None = None, demo_recipe: str = DEFAULT_DEMO_RECIPE
+    pretrained: str, *, revision: str | None = None
 ) -> Architecture:
     """``"sdxl"`` when the UNet takes SDXL's pooled-text + size/crop condition, else ``"sd15"``.
 
@@ -354,7 +339,7 @@ def detect_architecture(
     same single-encoder conditioning interface.
     """
     unet_config = load_component(
-        UNet2DConditionModel.load_config, pretrained, "unet", MODEL_CONFIG_FILE, revision, demo_recipe
+        UNet2DConditionModel.load_config, pretrained, "unet", MODEL_CONFIG_FILE, revision
     )
     return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd15"
 

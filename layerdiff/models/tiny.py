@@ -1,6 +1,6 @@
 """The embedded tiny SDXL-shaped model: real SDXL layout, built offline, VAE fitted briefly.
 
-There is no model hub here (DESIGN.md §4), yet every code path must be exercised the way
+Tests and the demo run without a model hub, yet every code path must be exercised the way
 it runs on ``stabilityai/stable-diffusion-xl-base-1.0``. So we build a model with SDXL's
 *structure* (two CLIP text encoders whose hidden states are concatenated for cross-attention,
 a pooled projection plus six size/crop ids as the ``text_time`` added condition, a VAE that

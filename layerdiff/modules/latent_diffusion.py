@@ -102,18 +102,17 @@ class LatentDiffusionModule(FrozenBaseModule):
             raise ValueError(f"caption_dropout is a probability in [0, 1]; got {caption_dropout}")
         self.save_hyperparameters()
 
-        demo_recipe = "latent_diffusion"
-        self.architecture = detect_architecture(base_model, revision=base_revision, demo_recipe=demo_recipe)
-        self.vae = freeze(load_vae(base_model, revision=base_revision, demo_recipe=demo_recipe))
+        self.architecture = detect_architecture(base_model, revision=base_revision)
+        self.vae = freeze(load_vae(base_model, revision=base_revision))
         encoder, decoder = load_transparency_models(transparent_vae)
         self.transparent_encoder, self.transparent_decoder = freeze(encoder), freeze(decoder)
-        self.text_encoders = load_text_encoders(base_model, revision=base_revision, demo_recipe=demo_recipe)
+        self.text_encoders = load_text_encoders(base_model, revision=base_revision)
         self.text_encoder_modules = torch.nn.ModuleList(freeze(encoder) for encoder in self.text_encoders.encoders)
-        self.noise_scheduler = load_scheduler(base_model, revision=base_revision, demo_recipe=demo_recipe)
+        self.noise_scheduler = load_scheduler(base_model, revision=base_revision)
         self.prediction_type = prediction_type or self.noise_scheduler.config.prediction_type
 
         # from_pretrained returns eval mode, which Lightning keeps: the trained part is set to train.
-        self.unet = load_unet(base_model, revision=base_revision, demo_recipe=demo_recipe).train()
+        self.unet = load_unet(base_model, revision=base_revision).train()
         if lora_rank is not None:
             add_lora(self.unet, DEFAULT_ADAPTER, lora_rank, lora_alpha, lora_targets)
         if gradient_checkpointing:

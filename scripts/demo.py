@@ -12,7 +12,7 @@ Runs the recipes a user would run with ``train.py``, each with its demo overlay:
 Extra command-line arguments override the recipes: ``--trainer.*`` applies to both training
 stages, ``--vae.<key>`` only to the first and ``--diffusion.<key>`` only to the second::
 
-    python -m layerdiff.demo --trainer.max_steps 100 --diffusion.model.init_args.learning_rate 1e-4
+    python scripts/demo.py --trainer.max_steps 100 --diffusion.model.init_args.learning_rate 1e-4
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
 
-from layerdiff.cli import LayerdiffCLI
+from train import LayerdiffCLI
 from layerdiff.export import save_transparent_vae
 
 VAE_RECIPE = ["-c", "configs/transparent_vae.yaml", "-c", "configs/demo/transparent_vae.yaml"]
