@@ -17,15 +17,15 @@ from huggingface_hub import constants as hub_constants
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from layerdiff.models import base, tiny
+from layerdiff.models import base, tiny, tiny_vae
 from layerdiff.models.tiny import (
     NUM_TIME_IDS,
     TINY_SDXL_VERSION,
-    VAE_SCALING_FACTOR,
     build_tiny_sdxl,
     byte_level_vocab,
     main,
 )
+from layerdiff.models.tiny_vae import VAE_SCALING_FACTOR
 
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 CAPTION = "an emoji of a grinning face"
@@ -218,13 +218,13 @@ def test_vae_downsamples_by_8_with_the_sdxl_scaling_factor(tiny_sdxl: Path) -> N
 
 def test_vae_reconstructs_crops_of_a_photo_it_was_not_fitted_on(tiny_sdxl: Path) -> None:
     vae = base.load_vae(str(tiny_sdxl))
-    photo = tiny.load_photo(tiny.VAE_HELD_OUT_PHOTO)
-    assert tiny.VAE_HELD_OUT_PHOTO not in tiny.VAE_FIT_PHOTOS
+    photo = tiny_vae.load_photo(tiny_vae.VAE_HELD_OUT_PHOTO)
+    assert tiny_vae.VAE_HELD_OUT_PHOTO not in tiny_vae.VAE_FIT_PHOTOS
     generator = torch.Generator().manual_seed(0)
-    crops = torch.stack([tiny.random_crop(photo, generator) for _ in range(16)])
+    crops = torch.stack([tiny_vae.random_crop(photo, generator) for _ in range(16)])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        start = tiny.init_vae_as_area_codec(tiny.make_vae())
+        start = tiny_vae.init_vae_as_area_codec(tiny_vae.make_vae())
     fitted = psnr(reconstruct(vae, crops), crops)
     # ~18.0 dB here; 8x area-average + bilinear upsampling: 17.5 dB; the random VAE: 10.8 dB.
     assert fitted >= 17.0
