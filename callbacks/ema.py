@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from layerdiff.distributed import reshard
 from layerdiff.export import EMA_AVERAGES_KEY
+from layerdiff.modules.base import TrainedParts
 
 NUM_UPDATES_KEY = "num_updates"
 
@@ -37,8 +38,9 @@ class EMA(Callback):
         decay: the average's decay per update.
         warmup: ramp the decay up from 0.1 as ``(1 + n) / (10 + n)``.
         update_every: optimizer steps between updates.
-        exclude: parameter-name prefixes not averaged. By default the adversarial
-            discriminator, which is training machinery, not part of the exported model.
+        exclude: parameter-name prefixes not averaged, beyond what the module declares:
+            a module with ``trained`` parts (``layerdiff.modules.base.TrainedParts``) has only
+            its exported parts averaged (not a GAN discriminator, which is training machinery).
     """
 
     def __init__(
@@ -46,7 +48,7 @@ class EMA(Callback):
         decay: float = 0.9999,
         warmup: bool = True,
         update_every: int = 1,
-        exclude: tuple[str, ...] = ("discriminator.",),
+        exclude: tuple[str, ...] = (),
     ) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1); got {decay}")
@@ -79,14 +81,19 @@ class EMA(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._module = pl_module
+        declared = getattr(pl_module, "trained", None)
+        exported = declared.exported if isinstance(declared, TrainedParts) else None
         self._parameters = {
             name: parameter
             for name, parameter in pl_module.named_parameters()
-            if parameter.requires_grad and not name.startswith(self.exclude)
+            if parameter.requires_grad
+            and (exported is None or declared.owns(name, exported))
+            and not name.startswith(self.exclude)
         }
         if not self._parameters:
             raise ValueError(
-                f"EMA: {type(pl_module).__name__} has no trainable parameters outside {list(self.exclude)}"
+                f"EMA: {type(pl_module).__name__} has no trainable parameters in its exported parts "
+                f"{list(exported or ['(all)'])} outside {list(self.exclude)}"
             )
         self._averages = {
             name: parameter.detach().to(torch.float32, copy=True) for name, parameter in self._parameters.items()

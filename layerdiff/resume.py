@@ -1,9 +1,11 @@
-"""What a checkpoint must hold beyond weights and optimizer state so that a resumed run
-continues exactly as an uninterrupted one would: every rank's random-number generators (and,
-in ``data.datamodule``, every rank's data position).
+"""The one protocol for per-rank state in checkpoints: what a checkpoint must hold beyond
+weights and optimizer state so that a resumed run continues exactly as an uninterrupted one
+would (every rank's global random generators and named generators, its data position).
 
-Lightning writes a checkpoint from rank 0, but every rank builds its contents, so per-rank
-state is gathered into one list that rank 0 writes and each rank reads its own entry from.
+Lightning writes a checkpoint from rank 0, but every rank builds its contents, so each piece
+of per-rank state is gathered into one list under ``checkpoint["per_rank"][name]`` that rank 0
+writes and each rank reads its own entry from (:func:`save_per_rank`, :func:`load_per_rank`).
+A resumed run with another number of ranks gets ``None`` and starts that state afresh.
 """
 
 from __future__ import annotations
@@ -25,11 +27,35 @@ def gather_from_ranks(value: Any) -> list[Any]:
     return gathered
 
 
-def rank_seed(seed: int, rank: int) -> int:
+PER_RANK_KEY = "per_rank"
+
+
+def save_per_rank(checkpoint: dict[str, Any], name: str, state: Any) -> None:
+    """Put every rank's ``state`` (picklable, and loadable with ``weights_only=True``) into
+    ``checkpoint``; a collective: every rank calls it from its checkpoint hook."""
+    checkpoint.setdefault(PER_RANK_KEY, {})[name] = gather_from_ranks(state)
+
+
+def saved_world_size(checkpoint: dict[str, Any], name: str) -> int | None:
+    """How many ranks wrote ``name`` into ``checkpoint`` (``None``: the checkpoint has none)."""
+    states = checkpoint.get(PER_RANK_KEY, {}).get(name)
+    return None if states is None else len(states)
+
+
+def load_per_rank(checkpoint: dict[str, Any], name: str, rank: int, world_size: int) -> Any | None:
+    """This rank's ``name`` state, or ``None`` when the checkpoint has none or was written by a
+    different number of ranks (another split of the streams: nothing to continue exactly)."""
+    if saved_world_size(checkpoint, name) != world_size:
+        return None
+    return checkpoint[PER_RANK_KEY][name][rank]
+
+
+def rank_seed(seed: int, rank: int, stream: int = 0) -> int:
     """Seed of one data-parallel rank's generator: distinct, reproducible streams per
-    ``(seed, rank)`` (numpy's SeedSequence mixes them; ``seed + rank`` would make rank 1 of
-    seed 0 replay rank 0 of seed 1)."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    ``(seed, rank, stream)`` (numpy's SeedSequence mixes them; ``seed + rank`` would make rank
+    1 of seed 0 replay rank 0 of seed 1). ``stream`` tells a module's named generators apart."""
+    entropy = [seed, rank] if stream == 0 else [seed, rank, stream]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def capture_rng_states() -> dict[str, Any]:

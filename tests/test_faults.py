@@ -20,13 +20,15 @@ from callbacks import OutputDirectoryCheck, OutputDirectoryError
 from data import ShardDataModule
 from data.schema import FOREGROUND
 from train import LayerdiffCLI
-from layerdiff.modules.base import FrozenBaseModule, NonFiniteLossError
+from layerdiff.modules.base import FrozenBaseModule, TrainedParts, NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class Regression(FrozenBaseModule):
     """Fits one weight; its loss is NaN at the steps in ``nan_at``."""
+
+    trained = TrainedParts(exported=("weight",))
 
     def __init__(self, nan_at: set[int], max_non_finite_steps: int = 3):
         super().__init__(max_non_finite_steps=max_non_finite_steps)

@@ -426,8 +426,8 @@ def test_the_sharded_lora_run_keeps_base_weights_out_and_samples_on_every_rank(l
     checkpoint = read_checkpoint(checkpoint_path(ld_sharded, STEPS))
     assert checkpoint["state_dict"] and all(".lora_" in key for key in checkpoint["state_dict"])
     assert set(ema_averages(checkpoint)) == set(checkpoint["state_dict"])
-    assert len(checkpoint["noise_generator_states"]) == 2  # both ranks' streams
-    assert not torch.equal(*checkpoint["noise_generator_states"])
+    noise_states = [generators["noise"] for generators in checkpoint["per_rank"]["generators"]]
+    assert len(noise_states) == 2 and not torch.equal(*noise_states)  # both ranks' own streams
     # the sampling callback ran the sharded UNet on both ranks when training started and at step 2
     samples = sorted(path.name for path in (ld_sharded / "samples").glob("*.png"))
     assert samples == ["step_000000.png", "step_000002.png"]
@@ -437,7 +437,8 @@ def test_a_resumed_sharded_lora_run_continues_exactly(ld_sharded, ld_resumed):
     resumed = read_checkpoint(checkpoint_path(ld_resumed, STEPS))
     uninterrupted = read_checkpoint(checkpoint_path(ld_sharded, STEPS))
     assert_same_training_state(resumed, uninterrupted, exact=True)
-    assert torch.equal(resumed["noise_generator_states"], uninterrupted["noise_generator_states"])
+    for resumed_rank, uninterrupted_rank in zip(resumed["per_rank"]["generators"], uninterrupted["per_rank"]["generators"]):
+        assert torch.equal(resumed_rank["noise"], uninterrupted_rank["noise"])
     assert resumed["lr_schedulers"] == uninterrupted["lr_schedulers"]
 
 

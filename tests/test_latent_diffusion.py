@@ -177,7 +177,7 @@ def test_checkpoints_hold_only_trained_weights_and_resume_the_noise_stream(tiny_
     restored = LatentDiffusionModule.load_from_checkpoint(path)
     for key, value in module.state_dict().items():
         assert torch.equal(value, restored.state_dict()[key]), key
-    assert torch.equal(restored.noise_generator.get_state(), module.noise_generator.get_state())
+    assert torch.equal(restored.generator("noise").get_state(), module.generator("noise").get_state())
 
 
 def test_adamw8bit_and_a_cosine_schedule_with_warm_up(tiny_sdxl, tiny_transparent_vae, shards, tmp_path):

@@ -20,7 +20,7 @@ from test_data_support import truncated_foreground, write_tiny_shards
 from data import ShardDataModule
 from data.schema import FOREGROUND
 from layerdiff.checkpointing import AtomicCheckpointIO
-from layerdiff.modules.base import FrozenBaseModule
+from layerdiff.modules.base import FrozenBaseModule, TrainedParts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 class DropoutRegression(FrozenBaseModule):
     """A tiny model whose every step draws from the global RNG (dropout), and whose validation
     draws from it too, as sampling callbacks or stochastic metrics might."""
+
+    trained = TrainedParts(exported=("layers",))
 
     def __init__(self):
         super().__init__()

@@ -1,23 +1,33 @@
-"""Plumbing shared by every layerdiff LightningModule: lean checkpoints, exact resume, and
-training that survives (and reports) non-finite losses."""
+"""What every layerdiff LightningModule gets by declaring its parts: sharding, lean
+checkpoints, exact resume, and training that survives (and reports) non-finite losses.
+
+A new objective module subclasses :class:`FrozenBaseModule`, names its ``trained`` parts and
+its per-rank random ``generators``, and writes only its objective (``training_step`` and
+friends): no checkpoint hooks of its own.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from torch.distributed.tensor import DTensor
 from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+from torch.distributed.tensor import DTensor
 
-from layerdiff.resume import capture_rng_states, gather_from_ranks, restore_rng_states
+from layerdiff.distributed import shard_trained_parts
+from layerdiff.resume import capture_rng_states, load_per_rank, rank_seed, restore_rng_states, save_per_rank
 
 log = logging.getLogger(__name__)
 
 RNG_STATES_KEY = "rng_states"
+GENERATORS_KEY = "generators"
+TRAINED_PARTS_KEY = "trained_parts"
 NON_FINITE_SKIPPED_KEY = "non_finite_skipped"
 GRADIENTS_TERM = "gradients"
 WARN_FIRST_NON_FINITE = 5
@@ -27,25 +37,52 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced non-finite losses (or gradients) for too many steps in a row."""
 
 
+@dataclass(frozen=True)
+class TrainedParts:
+    """The attributes of a module that train, the one list everything else reads.
+
+    ``exported`` parts are the model: sharded, optimised, averaged by the EMA callback, kept in
+    lean checkpoints and exported (only their parameters with ``requires_grad``: a LoRA's
+    factors, not the base weights under it). ``auxiliary`` parts train too but are machinery
+    (a GAN discriminator): sharded in their own dtype, optimised and checkpointed, never
+    averaged or exported. Every other attribute is frozen and re-loaded from the base model.
+    """
+
+    exported: tuple[str, ...]
+    auxiliary: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.exported + self.auxiliary
+
+    def owns(self, key: str, names: tuple[str, ...] | None = None) -> bool:
+        """Whether state-dict ``key`` belongs to one of ``names`` (default: every trained part)."""
+        return any(key == name or key.startswith(f"{name}.") for name in (self.names if names is None else names))
+
+
 class FrozenBaseModule(LightningModule):
     """A LightningModule that wraps frozen pretrained parts (a base VAE, text encoders, the
-    base weights under a LoRA), resumes exactly and skips non-finite steps.
+    base weights under a LoRA) around the ``trained`` parts it declares, resumes exactly and
+    skips non-finite steps.
+
+    **Sharding.** Under a sharded strategy, ``configure_model`` shards the trained parts
+    (``layerdiff.distributed``); frozen parts stay whole.
 
     **Lean checkpoints.** Frozen weights are re-loaded from the base model on construction, so
     writing them into every checkpoint would only multiply checkpoint size (the SDXL UNet alone
     is 10 GB in fp32, the VAE 335 MB). Two kinds of keys are dropped on save and taken from the
-    freshly loaded model on load, while every other key is still loaded strictly:
+    freshly loaded model on load, while every other key is still loaded strictly: everything
+    outside the trained parts, and every parameter with ``requires_grad=False`` inside them
+    (a UNet's base weights when only its LoRA trains). Buffers of trained parts (BatchNorm
+    statistics) are kept. The checkpoint records the declaration (``trained_parts``).
 
-    * everything under the attribute prefixes a subclass names in ``frozen_prefixes``
-      (parameters and buffers of wholly frozen parts);
-    * every parameter with ``requires_grad=False`` elsewhere (e.g. a UNet's base weights
-      when only its LoRA trains). Buffers of trained parts (BatchNorm statistics) are kept.
-
-    **Exact resume.** Every checkpoint holds every rank's global random generators
-    (``rng_states``); a resumed run restores them when training starts, so dropout and anything
-    else drawing from them continues the uninterrupted run's streams. Validation inside ``fit``
-    runs on a copy of those streams and puts them back after, so whether or when it ran (a
-    resumed run skips the validation due at its checkpoint step) does not change training.
+    **Exact resume.** Every checkpoint holds, per rank (``layerdiff.resume``), the global random
+    generators and each generator named in ``generators`` (``self.generator("noise")``: seeded
+    from ``seed`` and the rank on the first fit, continued on resume). Global streams are
+    restored when training starts, so dropout and anything else drawing from them continues the
+    uninterrupted run's streams. Validation inside ``fit`` runs on a copy of those streams and
+    puts them back after, so whether or when it ran (a resumed run skips the validation due at
+    its checkpoint step) does not change training.
 
     **Non-finite steps.** Subclasses pass their loss terms through ``skip_non_finite`` before
     backward; gradients are checked before every optimizer step. A step with a NaN or inf on
@@ -55,26 +92,63 @@ class FrozenBaseModule(LightningModule):
 
     Args:
         max_non_finite_steps: consecutive skipped steps after which training stops.
+        seed: base seed of the named generators; each rank derives its own from it.
     """
 
-    frozen_prefixes: tuple[str, ...] = ()
+    trained: TrainedParts = TrainedParts(())
+    generators: tuple[str, ...] = ()
 
-    def __init__(self, max_non_finite_steps: int = 5) -> None:
+    def __init__(self, max_non_finite_steps: int = 5, seed: int = 0) -> None:
         super().__init__()
         if max_non_finite_steps < 1:
             raise ValueError(f"max_non_finite_steps must be >= 1; got {max_non_finite_steps}")
         self.max_non_finite_steps = max_non_finite_steps
+        self.seed = seed
+        self._generators = {name: torch.Generator() for name in self.generators}
+        self._generators_restored = False
         self.non_finite_skipped = 0  # training steps with a skipped update
         self._non_finite_in_a_row = 0
         self._non_finite_in_this_step = False
         self._training_rng_states: dict[str, Any] | None = None  # held while validation runs in fit
         self._rng_states_to_restore: dict[str, Any] | None = None
 
+    # -- the declared parts -----------------------------------------------------------------
+
+    def trained_modules(self, names: tuple[str, ...] | None = None) -> list[nn.Module | nn.Parameter]:
+        """The trained parts named (default: all), skipping those switched off (``None``)."""
+        if not self.trained.names:
+            raise TypeError(
+                f"{type(self).__name__} declares no trained parts, so every weight would count as frozen and be "
+                "left out of its checkpoints: set the class attribute `trained = TrainedParts(exported=(...))` "
+                "to the attribute names of the modules it trains."
+            )
+        missing = [name for name in (names or ()) + self.trained.names if not hasattr(self, name)]
+        if missing:
+            raise AttributeError(f"{type(self).__name__}.trained names {missing}, which it does not have")
+        found = [getattr(self, name) for name in (self.trained.names if names is None else names)]
+        return [module for module in found if module is not None]
+
+    def trained_parameters(self, names: tuple[str, ...] | None = None) -> Iterator[nn.Parameter]:
+        """Parameters with ``requires_grad`` of the parts named: what an optimizer steps."""
+        for part in self.trained_modules(names):
+            parameters = [part] if isinstance(part, nn.Parameter) else part.parameters()
+            yield from (parameter for parameter in parameters if parameter.requires_grad)
+
+    def configure_model(self) -> None:
+        auxiliary = self.trained_modules(self.trained.auxiliary)
+        shard_trained_parts(self, self.trained_modules(self.trained.exported) + auxiliary, own_dtype=auxiliary)
+
+    def generator(self, name: str) -> torch.Generator:
+        """This rank's generator ``name`` (declared in ``generators``), on the CPU so that a seed
+        gives the same numbers on any device."""
+        return self._generators[name]
+
     # -- lean checkpoints -------------------------------------------------------------------
 
     def _frozen_keys(self, keys) -> set[str]:
+        self.trained_modules()  # a module without a declaration would lose its weights here
         frozen_parameters = {name for name, parameter in self.named_parameters() if not parameter.requires_grad}
-        return {key for key in keys if key.startswith(self.frozen_prefixes) or key in frozen_parameters}
+        return {key for key in keys if not self.trained.owns(key) or key in frozen_parameters}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         own = self.state_dict()
@@ -86,17 +160,28 @@ class FrozenBaseModule(LightningModule):
         state_dict = checkpoint["state_dict"]
         frozen = self._frozen_keys(state_dict)
         checkpoint["state_dict"] = {key: value for key, value in state_dict.items() if key not in frozen}
-        checkpoint[RNG_STATES_KEY] = gather_from_ranks(self._training_rng_states or capture_rng_states())
+        checkpoint[TRAINED_PARTS_KEY] = {"exported": list(self.trained.exported), "auxiliary": list(self.trained.auxiliary)}
         checkpoint[NON_FINITE_SKIPPED_KEY] = self.non_finite_skipped
+        save_per_rank(checkpoint, RNG_STATES_KEY, self._training_rng_states or capture_rng_states())
+        save_per_rank(checkpoint, GENERATORS_KEY, {name: g.get_state() for name, g in self._generators.items()})
 
     # -- exact resume -----------------------------------------------------------------------
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.non_finite_skipped = int(checkpoint.get(NON_FINITE_SKIPPED_KEY, 0))
-        states = checkpoint.get(RNG_STATES_KEY)
         world_size = self.trainer.world_size if self._trainer is not None else 1
-        if states is not None and len(states) == world_size:
-            self._rng_states_to_restore = states[self.global_rank]
+        self._rng_states_to_restore = load_per_rank(checkpoint, RNG_STATES_KEY, self.global_rank, world_size)
+        generators = load_per_rank(checkpoint, GENERATORS_KEY, self.global_rank, world_size)
+        if generators is not None and set(generators) == set(self._generators):
+            for name, state in generators.items():
+                self._generators[name].set_state(state.clone())
+            self._generators_restored = True
+
+    def on_fit_start(self) -> None:
+        # Seeded here, not in __init__, because the rank is known only now; a restored stream continues.
+        if not self._generators_restored:
+            for stream, generator in enumerate(self._generators.values()):
+                generator.manual_seed(rank_seed(self.seed, self.global_rank, stream))
 
     def on_train_start(self) -> None:
         # Now, not on load: the sanity check and loader start-up before this may draw numbers.

@@ -9,7 +9,6 @@ from typing import Any, Literal
 import torch
 
 from layerdiff import diffusion
-from layerdiff.distributed import shard_trained_parts
 from layerdiff.export import load_transparency_models
 from layerdiff.models import codec
 from layerdiff.models.base import (
@@ -22,7 +21,7 @@ from layerdiff.models.base import (
 )
 from layerdiff.models.lora import DEFAULT_ADAPTER, RELEASED_LORA_TARGETS, add_lora
 from layerdiff.models.text import PromptEmbeddings, encode_prompts, sdxl_time_ids
-from layerdiff.modules.base import FrozenBaseModule
+from layerdiff.modules.base import FrozenBaseModule, TrainedParts
 from layerdiff.optim import LearningRateSchedule, OptimizerName, build_lr_schedule, build_optimizer
 from layerdiff.pipelines import CommunityLora, GeneratedImage, PromptBatch, TransparentImageGenerator
 from layerdiff.resume import rank_seed
@@ -69,7 +68,8 @@ class LatentDiffusionModule(FrozenBaseModule):
             skipped, with no update) after which training stops with an error.
     """
 
-    frozen_prefixes = ("vae.", "transparent_encoder.", "transparent_decoder.", "text_encoder_modules.")
+    trained = TrainedParts(exported=("unet",))
+    generators = ("noise",)  # timesteps, noise and caption dropout of training steps
 
     def __init__(
         self,
@@ -95,7 +95,7 @@ class LatentDiffusionModule(FrozenBaseModule):
         decode_augmentation: bool = False,
         max_non_finite_steps: int = 5,
     ) -> None:
-        super().__init__(max_non_finite_steps=max_non_finite_steps)
+        super().__init__(max_non_finite_steps=max_non_finite_steps, seed=seed)
         if lora_rank is not None and lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, or null for a full fine-tune; got {lora_rank}")
         if not 0.0 <= caption_dropout <= 1.0:
@@ -118,16 +118,8 @@ class LatentDiffusionModule(FrozenBaseModule):
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
 
-        self.noise_generator = torch.Generator()
-        self._noise_generator_restored = False
         self._empty_prompt: PromptEmbeddings | None = None
         self._image_generator: TransparentImageGenerator | None = None
-
-    def configure_model(self) -> None:
-        """Under a sharded strategy, shard the UNet's trained weights (``layerdiff.distributed``:
-        a LoRA's factors per transformer block, the base weights stay whole); the frozen VAE,
-        text encoders and transparency models stay whole."""
-        shard_trained_parts(self, [self.unet])
 
     # -- conditioning and latents ------------------------------------------------------
 
@@ -192,12 +184,8 @@ class LatentDiffusionModule(FrozenBaseModule):
         target = diffusion.target(self.prediction_type, alphas_cumprod, latents, noise, timesteps)
         return {"loss": diffusion.denoising_loss(prediction, target, weights)}
 
-    def on_fit_start(self) -> None:
-        if not self._noise_generator_restored:
-            self.noise_generator.manual_seed(rank_seed(self.hparams.seed, self.global_rank))
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        loss = self.compute_loss(batch, self.noise_generator)["loss"]
+        loss = self.compute_loss(batch, self.generator("noise"))["loss"]
         if self.skip_non_finite({"diffusion": loss}):
             return None  # Lightning then skips backward and the update
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["caption"]))
@@ -214,26 +202,9 @@ class LatentDiffusionModule(FrozenBaseModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = build_optimizer(self.unet.parameters(), hp.optimizer, hp.learning_rate, tuple(hp.betas), hp.weight_decay)
+        optimizer = build_optimizer(self.trained_parameters(), hp.optimizer, hp.learning_rate, tuple(hp.betas), hp.weight_decay)
         schedule = build_lr_schedule(optimizer, hp.lr_schedule, hp.warmup_steps, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    # -- checkpoints: every rank's noise stream resumes where it stopped --------------------
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        # Every rank runs this hook; rank 0 writes the file, so it must carry all ranks' states.
-        state = self.noise_generator.get_state().to(self.device)
-        states = self.all_gather(state).reshape(self.trainer.world_size, -1)
-        checkpoint["noise_generator_states"] = states.cpu()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        states = checkpoint.get("noise_generator_states")
-        world_size = self.trainer.world_size if self._trainer is not None else 1
-        if states is not None and len(states) == world_size:
-            self.noise_generator.set_state(states[self.global_rank].clone())
-            self._noise_generator_restored = True
 
     # -- generation: train.py predict and the TransparentSamples callback ------------------
 

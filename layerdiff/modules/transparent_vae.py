@@ -10,13 +10,12 @@ from torchmetrics import MeanSquaredError
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from layerdiff import losses
-from layerdiff.distributed import shard_trained_parts
 from layerdiff.metrics import MaskedPSNR
 from layerdiff.models.base import freeze, load_vae
 from layerdiff.models.discriminator import PatchDiscriminator
 from layerdiff.models import codec
 from layerdiff.models.transparency import LatentTransparencyEncoder, TransparencyDecoder
-from layerdiff.modules.base import FrozenBaseModule
+from layerdiff.modules.base import FrozenBaseModule, TrainedParts
 from layerdiff.optim import OptimizerName, build_optimizer
 
 
@@ -65,7 +64,7 @@ class TransparentVAEModule(FrozenBaseModule):
             skipped, with no update) after which training stops with an error.
     """
 
-    frozen_prefixes = ("vae.", "lpips.")
+    trained = TrainedParts(exported=("transparent_encoder", "transparent_decoder"), auxiliary=("discriminator",))
 
     def __init__(
         self,
@@ -162,13 +161,6 @@ class TransparentVAEModule(FrozenBaseModule):
             "original_decode": self.decode_frozen(latent).clamp(0.0, 1.0),
         }
 
-    def configure_model(self) -> None:
-        """Under a sharded strategy, shard the generator's two parts and, separately, the
-        discriminator (``layerdiff.distributed``); the frozen VAE and LPIPS stay whole."""
-        discriminator = [self.discriminator] if self.discriminator is not None else []
-        generator = [self.transparent_encoder, self.transparent_decoder]
-        shard_trained_parts(self, generator + discriminator, own_dtype=discriminator)
-
     # -- training ------------------------------------------------------------------------
 
     def _discriminator_active(self) -> bool:
@@ -262,14 +254,13 @@ class TransparentVAEModule(FrozenBaseModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        generator_parameters = list(self.transparent_encoder.parameters()) + list(self.transparent_decoder.parameters())
         generator_optimizer = build_optimizer(
-            generator_parameters, hp.optimizer, hp.learning_rate, tuple(hp.betas), hp.weight_decay
+            self.trained_parameters(self.trained.exported), hp.optimizer, hp.learning_rate, tuple(hp.betas), hp.weight_decay
         )
         if self.discriminator is None:
             return generator_optimizer
         discriminator_optimizer = build_optimizer(
-            self.discriminator.parameters(),
+            self.trained_parameters(self.trained.auxiliary),
             hp.optimizer,
             hp.discriminator_learning_rate or hp.learning_rate,
             tuple(hp.betas),
