@@ -1,0 +1,37 @@
+"""Every objective module passes the contract of ``support.contracts`` by saying how it is
+built on the tiny models; a new module adds one class here."""
+
+from __future__ import annotations
+
+from support.contracts import ObjectiveContract, TinyParts
+
+from layerdiff.modules import LatentDiffusionModule, TransparentVAEModule
+
+
+class TestTransparentVAEModule(ObjectiveContract):
+    module_class = TransparentVAEModule
+    recipe = ("configs/transparent_vae.yaml", "configs/demo/transparent_vae.yaml")
+    artefacts = ("images/alpha_step*.png", "images/reconstruction_step*.png")
+
+    def module_arguments(self, parts: TinyParts) -> dict:
+        return {
+            "base_model": str(parts.sdxl),
+            "decoder_block_out_channels": (8, 8, 16, 16, 16, 16, 16),
+            "discriminator_channels": 8,
+            "learning_rate": 1e-3,
+        }
+
+
+class TestLatentDiffusionModule(ObjectiveContract):
+    module_class = LatentDiffusionModule
+    recipe = ("configs/latent_diffusion.yaml", "configs/demo/latent_diffusion.yaml")
+    artefacts = ("samples/step_*.png",)
+
+    def module_arguments(self, parts: TinyParts) -> dict:
+        return {
+            "base_model": str(parts.sdxl),
+            "transparent_vae": str(parts.transparent_vae),
+            "lora_rank": 4,
+            "learning_rate": 1e-3,
+            "caption_dropout": 0.5,  # the dropout draws are part of what must resume exactly
+        }
