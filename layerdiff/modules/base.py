@@ -109,6 +109,7 @@ class FrozenBaseModule(LightningModule):
         self.non_finite_skipped = 0  # training steps with a skipped update
         self._non_finite_in_a_row = 0
         self._non_finite_in_this_step = False
+        self._gradient_norm: tuple[torch.optim.Optimizer, torch.Tensor] | None = None  # of the step under way
         self._training_rng_states: dict[str, Any] | None = None  # held while validation runs in fit
         self._rng_states_to_restore: dict[str, Any] | None = None
 
@@ -225,9 +226,20 @@ class FrozenBaseModule(LightningModule):
         if not gradients:
             return
         # Of this rank's gradients (its shards, when sharded): a NaN anywhere shows on some rank.
-        norm = torch.linalg.vector_norm(torch.stack([norm.float() for norm in torch._foreach_norm(gradients)]))
+        norm = torch.nn.utils.get_total_norm(gradients)
         if self.skip_non_finite({GRADIENTS_TERM: norm}):
             optimizer.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
+        elif not isinstance(optimizer.param_groups[0]["params"][0], DTensor):
+            self._gradient_norm = (optimizer, norm)  # the whole model's norm: clipping reuses it
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        cached, self._gradient_norm = self._gradient_norm, None
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and cached and cached[0] is optimizer:
+            # Lightning would compute the norm the non-finite check just computed a second time.
+            parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+            torch.nn.utils.clip_grads_with_norm_(parameters, gradient_clip_val, cached[1])
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._non_finite_in_this_step = False
