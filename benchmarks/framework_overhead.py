@@ -103,7 +103,7 @@ def bare_loop(shards: str, transparent_vae: str, steps: int, clock: str) -> None
         encoder.requires_grad_(False)
     encoder, _ = load_transparency_models(transparent_vae)
     encoder.requires_grad_(False)
-    unet.requires_grad_(False)
+    unet.requires_grad_(False).train()  # as the module trains it (from_pretrained returns eval mode)
     add_lora(unet, DEFAULT_ADAPTER, LORA_RANK, None, RELEASED_LORA_TARGETS)
     trained = [parameter for parameter in unet.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-3, weight_decay=1e-2)
