@@ -65,3 +65,41 @@ def sdxl_time_ids(
     batch = original_size.shape[0]
     target = torch.as_tensor(target_size, device=original_size.device).reshape(-1, 2).expand(batch, 2)
     return torch.cat([original_size, crop_top_left, target], dim=1).to(torch.float32)
+
+
+class PromptConditioning:
+    """What a UNet is conditioned on besides its latent, the one home of caption dropout and
+    SDXL's added condition for every objective (each layer of a joint model calls it).
+
+    The empty caption's embedding, which dropped rows take (classifier-free guidance trains
+    the unconditional model on it), is encoded once and kept.
+    """
+
+    def __init__(self, text_encoders: TextEncoders) -> None:
+        self.text_encoders = text_encoders
+        self._empty: PromptEmbeddings | None = None
+
+    @property
+    def sdxl(self) -> bool:
+        return len(self.text_encoders.encoders) == 2
+
+    def encode(self, captions: list[str], device: torch.device | None = None) -> PromptEmbeddings:
+        return encode_prompts(self.text_encoders, list(captions), device)
+
+    def drop(self, prompts: PromptEmbeddings, dropped: torch.Tensor) -> PromptEmbeddings:
+        """``prompts`` with the rows where ``dropped`` is True replaced by the empty caption's."""
+        if not dropped.any():
+            return prompts
+        device = prompts.hidden.device
+        if self._empty is None or self._empty.hidden.device != device:
+            self._empty = self.encode([""], device)
+        return prompts.select(dropped.to(device), self._empty)
+
+    def added_conditions(
+        self, prompts: PromptEmbeddings, original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: tuple[int, int]
+    ) -> dict[str, torch.Tensor] | None:
+        """SDXL's ``added_cond_kwargs`` (pooled text and the six size/crop ids); ``None`` for SD1.5."""
+        if not self.sdxl:
+            return None
+        time_ids = sdxl_time_ids(original_size, crop_top_left, target_size)
+        return {"text_embeds": prompts.pooled, "time_ids": time_ids.to(prompts.pooled.dtype)}
