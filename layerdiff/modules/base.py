@@ -13,6 +13,7 @@ from lightning.pytorch import LightningModule
 from torch.distributed.tensor import DTensor
 from lightning.pytorch.trainer.states import TrainerFn
 
+from layerdiff.compat import attached_trainer, foreach_norm
 from layerdiff.resume import capture_rng_states, gather_from_ranks, restore_rng_states
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class FrozenBaseModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.non_finite_skipped = int(checkpoint.get(NON_FINITE_SKIPPED_KEY, 0))
         states = checkpoint.get(RNG_STATES_KEY)
-        world_size = self.trainer.world_size if self._trainer is not None else 1
+        world_size = self.trainer.world_size if attached_trainer(self) is not None else 1
         if states is not None and len(states) == world_size:
             self._rng_states_to_restore = states[self.global_rank]
 
@@ -140,7 +141,7 @@ class FrozenBaseModule(LightningModule):
         if not gradients:
             return
         # Of this rank's gradients (its shards, when sharded): a NaN anywhere shows on some rank.
-        norm = torch.linalg.vector_norm(torch.stack([norm.float() for norm in torch._foreach_norm(gradients)]))
+        norm = torch.linalg.vector_norm(torch.stack([norm.float() for norm in foreach_norm(gradients)]))
         if self.skip_non_finite({GRADIENTS_TERM: norm}):
             optimizer.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
 

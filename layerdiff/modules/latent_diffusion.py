@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 
 from layerdiff import diffusion
+from layerdiff.compat import attached_trainer
 from layerdiff.distributed import shard_trained_parts
 from layerdiff.export import load_transparency_models
 from layerdiff.models import codec
@@ -231,7 +232,7 @@ class LatentDiffusionModule(FrozenBaseModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         states = checkpoint.get("noise_generator_states")
-        world_size = self.trainer.world_size if self._trainer is not None else 1
+        world_size = self.trainer.world_size if attached_trainer(self) is not None else 1
         if states is not None and len(states) == world_size:
             self.noise_generator.set_state(states[self.global_rank].clone())
             self._noise_generator_restored = True
