@@ -19,7 +19,7 @@ from layerdiff.distributed.checkpoint import (
     is_sharded_checkpoint,
     read_sharded_checkpoint,
 )
-from layerdiff.distributed.construction import sharded_construction, trained_parts_init
+from layerdiff.distributed.construction import is_deferred, sharded_construction, trained_part
 from layerdiff.distributed.plan import ShardingSettings, parallelize, reshard
 from layerdiff.distributed.strategy import FSDP2Strategy, is_sharding_strategy, shard_trained_parts
 
@@ -29,6 +29,7 @@ __all__ = [
     "SHARDED_PLACEHOLDER",
     "ShardingSettings",
     "consolidate_checkpoint",
+    "is_deferred",
     "is_sharded_checkpoint",
     "is_sharding_strategy",
     "parallelize",
@@ -36,5 +37,5 @@ __all__ = [
     "reshard",
     "shard_trained_parts",
     "sharded_construction",
-    "trained_parts_init",
+    "trained_part",
 ]

@@ -2,7 +2,7 @@
 
 A module's ``__init__`` builds its trained parts whole, and under FSDP2 each process then
 keeps only its shard of them. Inside :func:`sharded_construction` (the command line enters it
-around building the model when the strategy shards), :func:`trained_parts_init` builds them
+around building the model when the strategy shards), :func:`trained_part` builds them
 on the meta device (shapes, no storage) in every process except the first of each node. Once
 ``fully_shard`` has split them, :func:`materialize` gives those processes storage for their
 own shards only and fills it from global rank 0's whole copy, one tensor at a time
@@ -14,14 +14,16 @@ one whole copy plus a shard per process.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+M = TypeVar("M", bound=nn.Module)
 _SHARDED_CONSTRUCTION: ContextVar[bool] = ContextVar("layerdiff_sharded_construction", default=False)
 # Set per process by the launchers Lightning supports (its own, torchrun, SLURM, MPI).
 _LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")
@@ -47,16 +49,14 @@ def local_rank() -> int:
     return 0
 
 
-@contextmanager
-def trained_parts_init() -> Iterator[bool]:
-    """Build a module's trained parts inside this; it yields whether they get real storage
-    (load initial weights into them only then). On the meta device inside
-    :func:`sharded_construction` in every process but its node's first, else unchanged."""
+def trained_part(build: Callable[..., M], *args: Any, **kwargs: Any) -> M:
+    """``build(*args, **kwargs)``: a module's trained part. On the meta device inside
+    :func:`sharded_construction` in every process but its node's first (load initial weights
+    into it only where :func:`is_deferred` is false), else as it is."""
     if not _SHARDED_CONSTRUCTION.get() or local_rank() == 0:
-        yield True
-        return
+        return build(*args, **kwargs)
     with torch.device("meta"):
-        yield False
+        return build(*args, **kwargs)
 
 
 def is_deferred(part: nn.Module) -> bool:
