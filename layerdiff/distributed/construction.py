@@ -7,14 +7,15 @@ on the meta device (shapes, no storage) in every process except the first of eac
 ``fully_shard`` has split them, :func:`materialize` gives those processes storage for their
 own shards only and fills it from global rank 0's whole copy, one tensor at a time
 (``set_model_state_dict`` with ``broadcast_from_rank0``), so every value is the one a whole
-construction gives, bit for bit. Host memory per node goes from one whole copy per process to
+construction gives, bit for bit; rank 0 sends before it shards, which then frees its whole
+copy unit by unit as before. Host memory per node goes from one whole copy per process to
 one whole copy plus a shard per process.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -64,34 +65,26 @@ def is_deferred(part: nn.Module) -> bool:
     return any(tensor.is_meta for tensor in (*part.parameters(), *part.buffers()))
 
 
-def whole_states(parts: Sequence[nn.Module]) -> list[dict[str, torch.Tensor]] | None:
-    """The parts' whole state dicts, taken before sharding, for :func:`materialize` to send
-    from; None in a process that built them on the meta device."""
-    if any(is_deferred(part) for part in parts):
-        return None
-    return [dict(part.state_dict()) for part in parts]
-
-
-def materialize(
-    parts: Sequence[nn.Module], states: Sequence[Mapping[str, torch.Tensor]] | None, device: torch.device
-) -> None:
-    """Give the sharded ``parts`` of every process rank 0's values (a collective: call it in
-    every process after ``fully_shard``, with :func:`whole_states` taken before it). Processes
-    with meta parts get storage for their shards on ``device`` first. The CPU random
-    generator is rank 0's afterwards, as if every process had built the parts whole (meta
-    construction draws no numbers)."""
+def materialize(parts: Sequence[nn.Module], device: torch.device) -> None:
+    """Give every process's ``parts`` global rank 0's values, one tensor at a time (a
+    collective: call it in every process). Processes that built the parts on the meta device
+    call it after ``fully_shard``, and get storage on ``device`` for their shards only; rank 0
+    (and any other process holding them whole) calls it before, so that sharding afterwards
+    frees its whole tensors unit by unit. The CPU random generator is rank 0's afterwards, as
+    if every process had built the parts whole (meta construction draws no numbers)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     rank = dist.get_rank()
-    if rank == 0 and states is None:
+    deferred = [is_deferred(part) for part in parts]
+    if rank == 0 and any(deferred):
         raise RuntimeError(
             "global rank 0 built the trained parts on the meta device, so nothing holds their values; "
             f"it reads its node rank from {', '.join(_LOCAL_RANK_VARIABLES)}: set the first of them that is set "
             "to 0 for global rank 0."
         )
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    for index, part in enumerate(parts):
-        if is_deferred(part):
+    for part, empty in zip(parts, deferred):
+        if empty:
             part.to_empty(device=device)
         non_persistent = {name for name, _ in part.named_buffers()} - set(part.state_dict())
         if non_persistent:
@@ -99,7 +92,7 @@ def materialize(
                 f"{type(part).__name__} has non-persistent buffers ({', '.join(sorted(non_persistent))}), which "
                 "rank 0 cannot send through its state dict; build it outside sharded_construction."
             )
-        set_model_state_dict(part, dict(states[index]) if rank == 0 else {}, options=options)
+        set_model_state_dict(part, dict(part.state_dict()) if rank == 0 else {}, options=options)
     generator_state = [torch.get_rng_state() if rank == 0 else None]
     dist.broadcast_object_list(generator_state, src=0)
     torch.set_rng_state(generator_state[0])

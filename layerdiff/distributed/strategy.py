@@ -17,7 +17,7 @@ from torch import nn
 
 from layerdiff.compat import attached_trainer, data_parallel_size, set_data_parallel_size
 from layerdiff.distributed.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
-from layerdiff.distributed.construction import is_deferred, materialize, whole_states
+from layerdiff.distributed.construction import is_deferred, materialize
 from layerdiff.distributed.plan import ShardingSettings, parallelize
 
 # Precisions whose compute FSDP2 can take over: bf16-mixed all-gathers bf16 parameters on CUDA.
@@ -76,12 +76,15 @@ def shard_trained_parts(
         )
     if precision == "bf16-mixed" and strategy.root_device.type == "cuda":
         settings = dataclasses.replace(settings, param_dtype=torch.bfloat16)
-    # Whether any process built its parts on the meta device: then all of them take part in filling them.
-    deferred = strategy.reduce_boolean_decision(any(is_deferred(part) for part in parts), all=False)
-    states = whole_states(parts) if deferred else None
+    # Parts built on the meta device anywhere: every process takes part in filling them from rank 0's,
+    # whole ones before sharding (which then frees them unit by unit), empty ones after (shards only).
+    empty_here = any(is_deferred(part) for part in parts)
+    fill = strategy.reduce_boolean_decision(empty_here, all=False)
+    if fill and not empty_here:
+        materialize(parts, strategy.root_device)
     parallelize(parts, mesh["data_parallel"], settings, own_dtype)
-    if deferred:
-        materialize(parts, states, strategy.root_device)
+    if fill and empty_here:
+        materialize(parts, strategy.root_device)
 
 
 def _uses_own_checkpointing(part: nn.Module) -> bool:
