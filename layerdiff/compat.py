@@ -66,6 +66,12 @@ def foreach_norm(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return list(_private("torch", "_foreach_norm", "the non-finite gradient check")(list(tensors)))
 
 
+def foreach_lerp_(targets: Sequence[torch.Tensor], ends: Sequence[torch.Tensor], weight: float) -> None:
+    """``target += weight * (end - target)`` for each pair, in place, in one fused kernel
+    (``torch._foreach_lerp_``, what ``torch.optim`` uses)."""
+    _private("torch", "_foreach_lerp_", "the EMA update")(list(targets), list(ends), weight)
+
+
 def checkpoint_activations(module: nn.Module) -> nn.Module:
     """Recompute ``module``'s activations in backward, in place, with no wrapper module (so
     parameter names stay as they are): the composable ``checkpoint`` FSDP2 is designed with."""

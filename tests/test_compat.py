@@ -42,6 +42,14 @@ def test_foreach_norm_is_each_tensors_two_norm():
         torch.testing.assert_close(norm, torch.linalg.vector_norm(tensor))
 
 
+def test_foreach_lerp_moves_each_target_towards_its_end_in_place():
+    targets, ends = [torch.zeros(3), torch.ones(2, 2)], [torch.full((3,), 2.0), torch.full((2, 2), 3.0)]
+    expected = [target + 0.25 * (end - target) for target, end in zip(targets, ends)]
+    compat.foreach_lerp_(targets, ends, 0.25)
+    for target, value in zip(targets, expected):
+        torch.testing.assert_close(target, value)
+
+
 def test_checkpoint_activations_recomputes_in_backward_and_keeps_parameter_names():
     inner = nn.Linear(4, 4)
     module = nn.Sequential(inner, nn.Tanh())
