@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import shutil
 import signal
@@ -188,7 +189,8 @@ def checkpoint_path(root: Path, step: int) -> Path:
 def vae_sharded(tiny_sdxl, one_batch_shards, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vae_sharded")
     images = {"class_path": "callbacks.TransparentReconstructionImages", "init_args": {"num_images": 2}}
-    run_sharded(VAE_RECIPE, run_overlay(root, one_batch_shards, vae_model(tiny_sdxl), [images]))
+    construction = {"class_path": "recorders.ConstructionRecorder", "init_args": {"path": str(root / "construction")}}
+    run_sharded(VAE_RECIPE, run_overlay(root, one_batch_shards, vae_model(tiny_sdxl), [images, construction]))
     return root
 
 
@@ -345,6 +347,10 @@ def test_the_sharded_vae_run_shards_its_trained_parts_and_logs_like_one_process(
         f"alpha_step{STEPS:07d}.png",
         f"reconstruction_step{STEPS:07d}.png",
     ]
+
+    # train.py built the trained parts whole on rank 0 only; rank 1 got just its shards
+    empty = {rank: json.loads((vae_sharded / "construction" / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    assert empty == {0: [], 1: ["discriminator", "transparent_decoder", "transparent_encoder"]}
 
     sharded, single = logged_metrics(vae_sharded), logged_metrics(vae_single)
     logged = {"train/loss", "train/adversarial", "train/discriminator", "train/adaptive_weight", "val/alpha_mse"}
