@@ -10,6 +10,7 @@ LightningCLI with OmegaConf interpolation in YAML recipes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -17,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from omegaconf import OmegaConf
 
 from callbacks.preemption import exit_code_of
+from layerdiff.distributed import is_sharding_strategy, sharded_construction
 
 
 def _wandb_offline() -> bool:
@@ -42,6 +44,15 @@ class LayerdiffCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(*args, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        # Under a sharding strategy the model is built for it: each process keeps only its shard.
+        config = self.config.get(str(self.subcommand), self.config)
+        strategy = config.get("trainer", {}).get("strategy")
+        strategy = getattr(strategy, "class_path", strategy)
+        sharded = strategy is not None and is_sharding_strategy(strategy)
+        with sharded_construction() if sharded else contextlib.nullcontext():
+            super().instantiate_classes()
 
 
 def main(args: list[str] | None = None) -> None:

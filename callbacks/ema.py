@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from layerdiff.compat import foreach_lerp_
 from layerdiff.distributed import reshard
 from layerdiff.export import EMA_AVERAGES_KEY
 from layerdiff.modules.base import TrainedParts
@@ -118,7 +119,7 @@ class EMA(Callback):
             return
         names = list(self._averages)
         weights = [self._parameters[name].detach().to(torch.float32) for name in names]
-        torch._foreach_lerp_([self._averages[name] for name in names], weights, 1.0 - self.current_decay())
+        foreach_lerp_([self._averages[name] for name in names], weights, 1.0 - self.current_decay())
         self.num_updates += 1
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -17,6 +17,8 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from layerdiff.compat import last_saved_step, save_last_checkpoint, skip_next_validation
+
 log = logging.getLogger(__name__)
 
 STOP_SIGNAL = signal.SIGTERM
@@ -196,11 +198,11 @@ class Preemption(Checkpoint):
         step = trainer.global_step
         checkpoint = self._checkpoint
         # ModelCheckpoint (listed before this callback, so it ran first) may have saved this step.
-        if checkpoint._last_global_step_saved != step or not checkpoint.last_model_path:
+        if last_saved_step(checkpoint) != step or not checkpoint.last_model_path:
             # Through the ModelCheckpoint, so it records the save: it then skips the saves it
             # would make later in this run (epoch end, train end), which would overwrite this
             # mid-epoch state with an "epoch finished" one.
-            checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
+            save_last_checkpoint(checkpoint, trainer)
         action = "requeueing the job" if reason == self.requeue_signal and self.requeue else "stopping"
         rank_zero_info(
             f"Preemption: {reason.name} received; saved step {step} to {checkpoint.last_model_path}; {action}"
@@ -211,7 +213,7 @@ class Preemption(Checkpoint):
         fit_loop.epoch_loop.min_steps = None
         trainer.should_stop = True
         # Lightning validates before an early stop; a preempted job has no time for that.
-        fit_loop.epoch_loop._skip_next_val = True
+        skip_next_validation(trainer)
         # The SIGTERM SLURM sends with (or after) the stop reaches W&B's service process too, after
         # which every W&B call fails; from here on W&B gets nothing more from Lightning, and
         # teardown finishes the run.

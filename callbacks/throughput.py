@@ -10,8 +10,9 @@ import warnings
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+from layerdiff.compat import cpu_flash_attention_ops, dispatch_mode_base, overload_packet
 
 GIB = 1024**3
 # ru_maxrss is in kilobytes on Linux, in bytes on macOS
@@ -113,7 +114,7 @@ class TrainingThroughput(Callback):
             return get_available_flops(device, _PRECISION_DTYPES.get(precision, torch.float32))
 
 
-class CountingFlops(TorchDispatchMode):
+class CountingFlops(dispatch_mode_base()):
     """Adds up the FLOPs of the matmuls, convolutions and attention run inside it.
 
     ``torch.utils.flop_counter.FlopCounterMode`` decomposes every op it has no formula for
@@ -125,17 +126,18 @@ class CountingFlops(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.flops = 0
+        self._flash_attention, self._flash_attention_backward = cpu_flash_attention_ops()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        packet = func._overloadpacket
+        packet = overload_packet(func)
         if packet in flop_registry:
             self.flops += flop_registry[packet](*args, **kwargs, out_val=out)
-        elif packet is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        elif packet is self._flash_attention:
             query, key, value = args[:3]
             self.flops += sdpa_flop_count(query.shape, key.shape, value.shape)
-        elif packet is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        elif packet is self._flash_attention_backward:
             grad_out, query, key, value = args[:4]
             self.flops += sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
         return out

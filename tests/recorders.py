@@ -29,3 +29,17 @@ def steps_seen(path: Path) -> dict[int, list[str]]:
         record = json.loads(line)
         seen[record["step"]] = record["keys"]
     return seen
+
+
+class ConstructionRecorder(Callback):
+    """Writes ``<path>/rank<N>.json``: the top-level submodules of the LightningModule with
+    parameters on the meta device when training sets up, before ``configure_model`` shards and
+    fills them (what sharded construction built without storage on that rank)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        empty = sorted({name.split(".")[0] for name, parameter in pl_module.named_parameters() if parameter.is_meta})
+        (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(empty))

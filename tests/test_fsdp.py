@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import shutil
 import signal
@@ -188,7 +189,8 @@ def checkpoint_path(root: Path, step: int) -> Path:
 def vae_sharded(tiny_sdxl, one_batch_shards, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vae_sharded")
     images = {"class_path": "callbacks.TransparentReconstructionImages", "init_args": {"num_images": 2}}
-    run_sharded(VAE_RECIPE, run_overlay(root, one_batch_shards, vae_model(tiny_sdxl), [images]))
+    construction = {"class_path": "recorders.ConstructionRecorder", "init_args": {"path": str(root / "construction")}}
+    run_sharded(VAE_RECIPE, run_overlay(root, one_batch_shards, vae_model(tiny_sdxl), [images, construction]))
     return root
 
 
@@ -345,6 +347,10 @@ def test_the_sharded_vae_run_shards_its_trained_parts_and_logs_like_one_process(
         f"alpha_step{STEPS:07d}.png",
         f"reconstruction_step{STEPS:07d}.png",
     ]
+
+    # train.py built the trained parts whole on rank 0 only; rank 1 got just its shards
+    empty = {rank: json.loads((vae_sharded / "construction" / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    assert empty == {0: [], 1: ["discriminator", "transparent_decoder", "transparent_encoder"]}
 
     sharded, single = logged_metrics(vae_sharded), logged_metrics(vae_single)
     logged = {"train/loss", "train/adversarial", "train/discriminator", "train/adaptive_weight", "val/alpha_mse"}
@@ -560,3 +566,41 @@ def test_bf16_units_keep_float32_gradients_with_a_discriminator_frozen_at_its_fi
         for name, parameter in part.named_parameters():
             assert isinstance(parameter, DTensor) and parameter.dtype == torch.float32, name
             assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
+
+
+# -- sharded construction ----------------------------------------------------------------------
+
+
+def test_under_sharded_construction_only_a_nodes_first_process_builds_the_trained_parts(tiny_sdxl, monkeypatch):
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    from layerdiff.distributed import FSDP2Strategy, is_sharding_strategy, sharded_construction
+    from layerdiff.modules import TransparentVAEModule
+
+    def trained_and_frozen(module):
+        trained = [module.transparent_encoder, module.transparent_decoder, module.discriminator]
+        tensors = [tensor for part in trained for tensor in (*part.parameters(), *part.buffers())]
+        return tensors, list(module.vae.parameters())
+
+    monkeypatch.setenv("LOCAL_RANK", "1")  # as Lightning's launcher sets it for the second process
+    trained, frozen = trained_and_frozen(TransparentVAEModule(**vae_model(tiny_sdxl)))
+    assert not any(tensor.is_meta for tensor in trained + frozen)  # outside the context: whole
+    with sharded_construction():
+        module = TransparentVAEModule(**vae_model(tiny_sdxl))
+    trained, frozen = trained_and_frozen(module)
+    assert trained and all(tensor.is_meta for tensor in trained)
+    assert not any(parameter.is_meta for parameter in frozen)  # frozen weights stay whole everywhere
+
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False)
+    expected = r"built on the meta device.*--trainer.strategy layerdiff.distributed.FSDP2Strategy"
+    with pytest.raises(ValueError, match=expected):
+        trainer.fit(module, train_dataloaders=DataLoader([{"rgb": torch.rand(3, 64, 64)}]))
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with sharded_construction():
+        trained, _ = trained_and_frozen(TransparentVAEModule(**vae_model(tiny_sdxl)))
+    assert not any(tensor.is_meta for tensor in trained)  # the node's first process: rank 0 sends from it
+
+    assert is_sharding_strategy("layerdiff.distributed.FSDP2Strategy") and is_sharding_strategy(FSDP2Strategy())
+    assert not is_sharding_strategy("ddp") and not is_sharding_strategy("lightning.pytorch.strategies.DDPStrategy")

@@ -18,6 +18,8 @@ from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from layerdiff.compat import set_gradient_checkpointing
+
 LATENT_CHANNELS = 4
 LATENT_DOWNSCALE = 8
 RELEASED_DECODER_WIDTHS = (32, 32, 64, 128, 256, 512, 512)
@@ -229,8 +231,7 @@ class TransparencyDecoder(nn.Module):
         # stay a plain nn.Module so that sharding and state dicts see nothing extra.
         for module in self.modules():
             if hasattr(module, "gradient_checkpointing"):
-                module.gradient_checkpointing = enabled
-                module._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+                set_gradient_checkpointing(module, enabled, functools.partial(checkpoint, use_reentrant=False))
 
 
 def split_alpha_rgb(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

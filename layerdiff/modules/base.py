@@ -20,6 +20,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from layerdiff.compat import attached_trainer
 from layerdiff.distributed import shard_trained_parts
 from layerdiff.resume import capture_rng_states, load_per_rank, rank_seed, restore_rng_states, save_per_rank
 
@@ -170,7 +171,7 @@ class FrozenBaseModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.non_finite_skipped = int(checkpoint.get(NON_FINITE_SKIPPED_KEY, 0))
-        world_size = self.trainer.world_size if self._trainer is not None else 1
+        world_size = self.trainer.world_size if attached_trainer(self) is not None else 1
         self._rng_states_to_restore = load_per_rank(checkpoint, RNG_STATES_KEY, self.global_rank, world_size)
         generators = load_per_rank(checkpoint, GENERATORS_KEY, self.global_rank, world_size)
         if generators is not None and set(generators) == set(self._generators):

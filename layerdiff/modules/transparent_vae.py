@@ -10,6 +10,7 @@ from torchmetrics import MeanSquaredError
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from layerdiff import losses
+from layerdiff.distributed import is_deferred, trained_part
 from layerdiff.metrics import MaskedPSNR
 from layerdiff.models.base import freeze, load_vae
 from layerdiff.models.discriminator import PatchDiscriminator
@@ -105,14 +106,16 @@ class TransparentVAEModule(FrozenBaseModule):
         self.automatic_optimization = False
 
         self.vae = freeze(load_vae(base_model, revision=base_revision))
-        self.transparent_encoder = LatentTransparencyEncoder()
-        self.transparent_decoder = TransparencyDecoder(
+        # Trained parts: under sharded training only a node's first process builds them whole.
+        self.transparent_encoder = trained_part(LatentTransparencyEncoder)
+        self.transparent_decoder = trained_part(
+            TransparencyDecoder,
             block_out_channels=tuple(decoder_block_out_channels),
             layers_per_block=decoder_layers_per_block,
             attention_head_dim=decoder_attention_head_dim,
             norm_num_groups=decoder_norm_num_groups,
         )
-        if init_from is not None:
+        if init_from is not None and not is_deferred(self.transparent_decoder):
             from layerdiff.export import load_transparent_vae
 
             load_transparent_vae(self.transparent_encoder, self.transparent_decoder, init_from)
@@ -120,8 +123,12 @@ class TransparentVAEModule(FrozenBaseModule):
             self.transparent_decoder.enable_gradient_checkpointing()
 
         self.discriminator = (
-            PatchDiscriminator(
-                in_channels=4, channels=discriminator_channels, layers=discriminator_layers, norm=discriminator_norm
+            trained_part(
+                PatchDiscriminator,
+                in_channels=4,
+                channels=discriminator_channels,
+                layers=discriminator_layers,
+                norm=discriminator_norm,
             )
             if adversarial_weight > 0
             else None
