@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from layerdiff.distributed import reshard
-from layerdiff.export import EMA_AVERAGES_KEY
+from layerdiff.formats.checkpoints import EMA_AVERAGES_KEY
 from layerdiff.modules.base import TrainedParts
 
 NUM_UPDATES_KEY = "num_updates"

@@ -12,7 +12,6 @@ each with its own weight, next to the trained adapter at weight 1.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,6 +35,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from typing_extensions import NotRequired, TypedDict
 
+from layerdiff.formats.lora import DIFFUSERS_LORA_FILENAME, parse_lora_key
 from layerdiff.models import codec
 from layerdiff.models.base import (
     SCHEDULER_CONFIG_FILE,
@@ -63,13 +63,6 @@ LORA_COMPONENTS: dict[Architecture, tuple[str, ...]] = {
     "sdxl": ("unet", "text_encoder", "text_encoder_2"),
     "sd15": ("unet", "text_encoder"),
 }
-# "<component>.<module path>.<factor>.weight": peft (lora_A/B) and the older diffusers
-# (lora.down/up, lora_linear_layer.down/up) key formats.
-_LORA_KEY = re.compile(
-    r"(?P<component>[^.]+)\.(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora\.down|lora\.up"
-    r"|lora_linear_layer\.down|lora_linear_layer\.up)\.weight"
-)
-_DOWN_FACTORS = ("lora_A", "lora.down", "lora_linear_layer.down")
 _EXAMPLES_SHOWN = 3
 
 
@@ -216,7 +209,7 @@ def build_pipeline(
 def lora_weight_file(path: str | Path) -> Path:
     """The LoRA file itself: ``path``, or the diffusers default file name inside a folder."""
     path = Path(path).expanduser()
-    candidate = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+    candidate = path / DIFFUSERS_LORA_FILENAME if path.is_dir() else path
     if not candidate.is_file():
         raise FileNotFoundError(
             f"Community LoRA {path}: no such file. Give the path of a diffusers/peft LoRA "
@@ -246,11 +239,11 @@ def check_lora_fits(
     missing_layers: dict[str, None] = {}
     wrong_shapes: dict[str, str] = {}
     for key, tensor in state_dict.items():
-        match = _LORA_KEY.fullmatch(key)
-        if match is None:
+        parsed = parse_lora_key(key)  # keys of diffusers' lora_state_dict: "<component>.<module>...weight"
+        if parsed is None:
             continue  # alphas, DoRA magnitudes and biases ride along with the factors
-        component_name, module_name, factor = match["component"], match["module"], match["factor"]
-        layer_name = f"{component_name}.{module_name}"
+        layer_name = parsed.module
+        component_name, _, module_name = layer_name.partition(".")
         layers.add(layer_name)
         if component_name not in components:
             unknown_components.add(component_name)
@@ -260,7 +253,7 @@ def check_lora_fits(
             missing_layers[layer_name] = None
             continue
         weight = (layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer).weight
-        is_down = factor in _DOWN_FACTORS
+        is_down = parsed.factor == "down"
         lora_size, layer_size = (tensor.shape[1], weight.shape[1]) if is_down else (tensor.shape[0], weight.shape[0])
         if lora_size != layer_size:
             side = "input" if is_down else "output"

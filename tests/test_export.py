@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from layerdiff.export import (
+from layerdiff.export import main
+from layerdiff.formats.layerdiffuse_vae import (
     DECODER_FILENAME,
     ENCODER_FILENAME,
     load_transparent_vae,
-    main,
-    read_metadata,
     save_transparent_vae,
 )
+from layerdiff.formats.provenance import read_metadata
 from layerdiff.models.transparency import LatentTransparencyEncoder, TransparencyDecoder
 
 TINY = {"block_out_channels": (8, 8, 16, 16, 32, 32, 32), "layers_per_block": 1, "attention_head_dim": 8, "norm_num_groups": 4}
@@ -31,7 +31,7 @@ def full_size() -> tuple[LatentTransparencyEncoder, TransparencyDecoder]:
 def full_size_export(full_size, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     paths = save_transparent_vae(*full_size, out, metadata={"learning_rate": 1e-5, "nested": {"widths": (1, 2)}})
-    return out, paths
+    return out, paths["layerdiffusion"]
 
 
 def shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:

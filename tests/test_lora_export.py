@@ -20,18 +20,18 @@ from test_data_support import write_tiny_shards
 
 from callbacks import EMA
 from data import ShardDataModule
-from layerdiff.export import main, read_metadata
-from layerdiff.export_lora import (
+from layerdiff.export import main
+from layerdiff.formats.lora import (
     DIFFUSERS_LORA_FILENAME,
     FORGE_LORA_FILENAMES,
-    ldm_attention_prefixes,
     load_lora_into_unet,
     lora_from_unet,
     read_lora,
-    rename_block,
     save_diffusers_lora,
     save_forge_lora,
 )
+from layerdiff.formats.provenance import read_metadata
+from layerdiff.formats.unet_names import ldm_attention_prefixes, rename_block
 from layerdiff.models.base import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, load_unet
 from layerdiff.modules import LatentDiffusionModule
 from layerdiff.models.lora import DEFAULT_ADAPTER as LORA_ADAPTER, RELEASED_LORA_TARGETS
