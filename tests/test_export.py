@@ -12,6 +12,7 @@ from layerdiff.export import main
 from layerdiff.formats.layerdiffuse_vae import (
     DECODER_FILENAME,
     ENCODER_FILENAME,
+    FLAVOURS,
     load_transparent_vae,
     save_transparent_vae,
 )
@@ -158,6 +159,11 @@ def test_cli_exports_a_lightning_checkpoint(tmp_path, capsys):
     assert "differs from the released" in capsys.readouterr().out
 
     assert load_file(tmp_path / "out" / DECODER_FILENAME)["conv_out.weight"].dtype == torch.float16
+    for flavour in FLAVOURS.values():  # both released flavours by default
+        assert float(read_metadata(tmp_path / "out" / flavour.encoder_file)["offset_scale"]) == flavour.offset_scale
+        assert (tmp_path / "out" / flavour.decoder_file).is_file()
+    assert main(["transparent-vae", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "one"), "--flavour", "layerdiffusion"]) == 0
+    assert sorted(path.name for path in (tmp_path / "one").iterdir()) == [DECODER_FILENAME, ENCODER_FILENAME]
     assert_round_trip(tmp_path / "out", encoder, decoder, dtype=torch.float16)
     metadata = read_metadata(tmp_path / "out" / DECODER_FILENAME)
     assert json.loads(metadata["layerdiff_config"])["optimizer"]["betas"] == [0.9, 0.999]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,7 +27,7 @@ from layerdiff.formats.lora import (
     COMFYUI_LORA_FILENAMES,
     LoraFactors,
     load_lora_into_unet,
-    lora_from_unet,
+    lora_from_state_dict,
     parse_lora_key,
     read_lora,
     save_comfyui_lora,
@@ -288,7 +288,8 @@ def test_the_comfyui_file_applied_as_comfyui_does_gives_the_trained_unet(tiny_sd
         for name, parameter in trained.named_parameters():
             if ".lora_" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    path = save_comfyui_lora(lora_from_unet(trained, "layerdiff"), trained.config, tmp_path / "comfy.safetensors")
+    lora = lora_from_state_dict(get_peft_model_state_dict(trained, adapter_name="layerdiff"), 2 * RANK)
+    path = save_comfyui_lora(lora, trained.config, tmp_path / "comfy.safetensors")
 
     # ComfyUI: weight += up @ down * alpha / rank, on the weight the kohya name maps to.
     patched = load_unet(str(tiny_sdxl))

@@ -126,17 +126,6 @@ def _adapter_layers(unet: torch.nn.Module, adapter_name: str) -> dict[str, LoraL
     return layers
 
 
-def lora_from_unet(unet: torch.nn.Module, adapter_name: str) -> Lora:
-    """The factors of one peft adapter of a UNet, with each layer's own scale folded in."""
-    return {
-        name: LoraFactors(
-            up=layer.lora_B[adapter_name].weight.detach() * layer.scaling[adapter_name],
-            down=layer.lora_A[adapter_name].weight.detach(),
-        )
-        for name, layer in _adapter_layers(unet, adapter_name).items()
-    }
-
-
 def lora_from_state_dict(state_dict: Mapping[str, torch.Tensor], lora_alpha: float | None) -> Lora:
     """Factors from peft-named UNet weights (``<module>.lora_{A,B}[.<adapter>].weight``) of one
     adapter with one ``lora_alpha`` (``None``: the rank, scale 1). Other keys are ignored."""
