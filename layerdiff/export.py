@@ -1,7 +1,8 @@
 """``python -m layerdiff.export``: trained weights out of Lightning checkpoints into the files
 other tools read (the formats themselves live in :mod:`layerdiff.formats`)::
 
-    python -m layerdiff.export transparent-vae --checkpoint last.ckpt --out DIR [--flavour both] [--dtype fp16] [--no-ema]
+    python -m layerdiff.export transparent-vae --checkpoint last.ckpt --out DIR [--flavour both] [--dtype fp16]
+        [--no-ema]
     python -m layerdiff.export lora --checkpoint last.ckpt --out DIR [--format all] [--dtype fp16] [--no-ema]
     python -m layerdiff.export unet --checkpoint last.ckpt --out DIR [--dtype fp16] [--no-ema]
     python -m layerdiff.export consolidate --checkpoint last.ckpt --out last-full.ckpt
@@ -100,7 +101,10 @@ def export_lora_checkpoint(
     paths = []
     if "diffusers" in formats:
         paths.append(save_diffusers_lora(lora, out_dir, read.hyperparameters, dtype))
-    original_layouts = {"forge": (save_forge_lora, FORGE_LORA_FILENAMES), "comfyui": (save_comfyui_lora, COMFYUI_LORA_FILENAMES)}
+    original_layouts = {
+        "forge": (save_forge_lora, FORGE_LORA_FILENAMES),
+        "comfyui": (save_comfyui_lora, COMFYUI_LORA_FILENAMES),
+    }
     wanted = [layout for layout in original_layouts if layout in formats]
     if wanted:
         unet_config = load_component(
@@ -177,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     else:
         read = read_unet_checkpoint(args.checkpoint, args.use_ema, args.base_model)
-        paths = [save_unet_folder(trained_unet(read, args.checkpoint), args.out, read.hyperparameters, DTYPES[args.dtype])]
+        unet = trained_unet(read, args.checkpoint)
+        paths = [save_unet_folder(unet, args.out, read.hyperparameters, DTYPES[args.dtype])]
     print("\n".join(f"wrote {path}" for path in paths))
     return 0
 

@@ -35,7 +35,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from typing_extensions import NotRequired, TypedDict
 
-from layerdiff.formats.lora import DIFFUSERS_LORA_FILENAME, parse_lora_key
+from layerdiff.formats.lora import lora_file, parse_lora_key
 from layerdiff.models import codec
 from layerdiff.models.base import (
     SCHEDULER_CONFIG_FILE,
@@ -206,18 +206,6 @@ def build_pipeline(
     return pipeline
 
 
-def lora_weight_file(path: str | Path) -> Path:
-    """The LoRA file itself: ``path``, or the diffusers default file name inside a folder."""
-    path = Path(path).expanduser()
-    candidate = path / DIFFUSERS_LORA_FILENAME if path.is_dir() else path
-    if not candidate.is_file():
-        raise FileNotFoundError(
-            f"Community LoRA {path}: no such file. Give the path of a diffusers/peft LoRA "
-            "(.safetensors), or a folder holding pytorch_lora_weights.safetensors."
-        )
-    return candidate
-
-
 def check_lora_fits(
     lora_file: Path,
     state_dict: dict[str, torch.Tensor],
@@ -335,15 +323,15 @@ class TransparentImageGenerator:
         Raises ``FileNotFoundError`` for a missing file and ``IncompatibleLoraError`` when its
         layers do not match this base model, before anything is changed.
         """
-        lora_file = lora_weight_file(lora["path"])
+        weights_path = lora_file(lora["path"])
         try:
-            state_dict, _ = self.pipeline.lora_state_dict(str(lora_file))
+            state_dict, _ = self.pipeline.lora_state_dict(str(weights_path))
         except (OSError, ValueError) as error:
-            raise IncompatibleLoraError(f"Community LoRA {lora_file} could not be read as a LoRA: {error}") from error
+            raise IncompatibleLoraError(f"Community LoRA {weights_path} could not be read as a LoRA: {error}") from error
         components = {name: getattr(self.pipeline, name) for name in LORA_COMPONENTS[self.architecture]}
-        check_lora_fits(lora_file, state_dict, components, self.base_model, self.architecture)
+        check_lora_fits(weights_path, state_dict, components, self.base_model, self.architecture)
         adapter_name = f"community_{len(self.community_loras)}"
-        self.pipeline.load_lora_weights(str(lora_file), adapter_name=adapter_name)
+        self.pipeline.load_lora_weights(str(weights_path), adapter_name=adapter_name)
         self.community_loras[adapter_name] = {"path": lora["path"], "weight": lora.get("weight", 1.0)}
         # Loading makes the new adapter the only active one; activate all with their weights.
         community_weights = [item["weight"] for item in self.community_loras.values()]

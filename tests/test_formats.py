@@ -145,6 +145,32 @@ def test_each_flavour_imports_back_as_our_encoder(trained_encoder, inputs, both_
         load_transparent_vae(LatentTransparencyEncoder(), None, (renamed, tmp_path / "none.safetensors"))
 
 
+def test_older_exports_and_the_released_sd15_name_are_read_with_their_conventions(trained_encoder, inputs, tmp_path):
+    alpha, rgb = inputs
+    with torch.no_grad():
+        ours = trained_encoder(alpha, rgb)
+    # Format version 1 wrote our state dict unchanged under the layerdiffusion name, straight colour.
+    old = tmp_path / "old"
+    old.mkdir()
+    metadata = {"component": "transparent_encoder", "format_version": "1"}
+    save_file(trained_encoder.state_dict(), old / FLAVOURS["layerdiffusion"].encoder_file, metadata=metadata)
+    encoder = LatentTransparencyEncoder()
+    load_transparent_vae(encoder, None, old)
+    assert encoder.input_convention == "straight"
+    assert all(torch.equal(encoder.state_dict()[key], value) for key, value in trained_encoder.state_dict().items())
+
+    sd15 = tmp_path / "sd15"
+    sd15.mkdir()
+    folded = dict(trained_encoder.state_dict())
+    folded.update({key: value * 300 for key, value in folded.items() if key.startswith("blocks.16.")})
+    save_file(folded, sd15 / "layer_sd15_vae_transparent_encoder.safetensors")
+    encoder = LatentTransparencyEncoder()
+    load_transparent_vae(encoder, None, sd15)
+    assert encoder.input_convention == "released"
+    with torch.no_grad():
+        assert_same_output(encoder(alpha, rgb), ours)
+
+
 def test_input_convention_is_written_and_read_back_through_exports_and_checkpoints(both_flavours, tmp_path):
     straight = tmp_path / "straight"
     save_transparent_vae(LatentTransparencyEncoder(), TransparencyDecoder(**TINY_DECODER), straight)
@@ -323,3 +349,25 @@ def test_one_parser_reads_every_factor_key_layout():
     assert {key: tuple(parse_lora_key(key)) for key in cases} == cases
     for other in ("unet.x.alpha", "unet.x.lora_A.bias", "unet.x.lora_magnitude_vector.weight", "unet.x.weight"):
         assert parse_lora_key(other) is None, other
+
+
+def test_formats_import_nothing_above_them_and_agree_with_the_sharded_writer():
+    import ast
+
+    from layerdiff import distributed
+    from layerdiff.formats import checkpoints
+
+    above = ("layerdiff.pipelines", "layerdiff.modules", "layerdiff.distributed", "layerdiff.export", "data", "callbacks")
+    for path in sorted((Path(checkpoints.__file__).parent).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for name in names:
+                assert not any(name == top or name.startswith(f"{top}.") for top in above), (
+                    f"{path.name}:{node.lineno} imports {name}"
+                )
+    # The sharded checkpoint folders that layerdiff.distributed writes are the ones read here.
+    assert (checkpoints.SHARDED_ENTRIES, checkpoints.SHARDED_PLACEHOLDER) == (
+        distributed.SHARDED_ENTRIES,
+        distributed.SHARDED_PLACEHOLDER,
+    )

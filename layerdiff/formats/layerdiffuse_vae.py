@@ -155,7 +155,9 @@ def encoder_file_conventions(path: Path) -> tuple[float, InputConvention]:
     if "offset_scale" in metadata:
         convention = metadata.get("input_convention")
         if convention not in get_args(InputConvention):
-            raise ValueError(f"{path}: input_convention {convention!r} in its metadata is none of {get_args(InputConvention)}")
+            raise ValueError(
+                f"{path}: input_convention {convention!r} in its metadata is none of {get_args(InputConvention)}"
+            )
         return float(metadata["offset_scale"]), convention
     if "component" in metadata:  # a layerdiff export of format version 1: our weights unchanged
         return LatentTransparencyEncoder.offset_scale, "straight"
@@ -170,7 +172,9 @@ def encoder_file_conventions(path: Path) -> tuple[float, InputConvention]:
     )
 
 
-def _check_compatible(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path, strict: bool) -> None:
+def _check_compatible(
+    module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path, strict: bool
+) -> None:
     """Raise readable errors before ``load_state_dict`` would raise unreadable ones."""
     expected = module.state_dict()
     for key, expected_tensor in expected.items():
@@ -269,7 +273,9 @@ def load_transparency_models(
     encoder_path, decoder_path = transparent_vae_files(path)
     if encoder_path.is_file() or decoder_path.is_file():
         metadata = read_metadata(decoder_path) if decoder_path.is_file() else {}
-        decoder_config = json.loads(metadata["decoder_config"]) if "decoder_config" in metadata else RELEASED_DECODER_CONFIG
+        decoder_config = RELEASED_DECODER_CONFIG
+        if "decoder_config" in metadata:
+            decoder_config = json.loads(metadata["decoder_config"])
         encoder, decoder = LatentTransparencyEncoder(), TransparencyDecoder(**decoder_config)
         load_transparent_vae(encoder, decoder, path)
         return encoder, decoder

@@ -152,18 +152,23 @@ def lora_from_state_dict(state_dict: Mapping[str, torch.Tensor], lora_alpha: flo
     return lora
 
 
+def lora_file(path: str | PathLike) -> Path:
+    """The LoRA file itself: ``path``, or ``pytorch_lora_weights.safetensors`` inside a folder."""
+    path = Path(path).expanduser()
+    candidate = path / DIFFUSERS_LORA_FILENAME if path.is_dir() else path
+    if not candidate.is_file():
+        raise FileNotFoundError(
+            f"LoRA file not found: {candidate}. Give a {DIFFUSERS_LORA_FILENAME} (or its folder), a Forge/ComfyUI "
+            f"file such as {FORGE_LORA_FILENAMES['sdxl']} or a kohya-keyed ComfyUI LoRA."
+        )
+    return candidate
+
+
 def read_lora(path: str | PathLike, unet_config: Mapping[str, Any]) -> Lora:
     """A LoRA file in any layout of :data:`LoraFormat` (ours or the released LayerDiffuse ones;
     for ``diffusers`` also the folder holding ``pytorch_lora_weights.safetensors``).
     ``unet_config`` maps original UNet paths to diffusers ones."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / DIFFUSERS_LORA_FILENAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"LoRA file not found: {path}. Give a {DIFFUSERS_LORA_FILENAME} (or its folder), a Forge/ComfyUI "
-            f"file such as {FORGE_LORA_FILENAMES['sdxl']} or a kohya-keyed ComfyUI LoRA."
-        )
+    path = lora_file(path)
     with safe_open(str(path), framework="pt") as handle:
         keys = list(handle.keys())
     if any("::" in key for key in keys):  # Forge's frozen-patcher keys: "<weight>::<patch type>::<index>"
@@ -339,7 +344,9 @@ def save_comfyui_lora(
     return _save(tensors, path, provenance("unet_lora", metadata), dtype)
 
 
-def _save(tensors: Mapping[str, torch.Tensor], path: str | PathLike, metadata: dict[str, str], dtype: torch.dtype) -> Path:
+def _save(
+    tensors: Mapping[str, torch.Tensor], path: str | PathLike, metadata: dict[str, str], dtype: torch.dtype
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors_for_file(tensors, dtype), path, metadata=metadata)

@@ -54,7 +54,8 @@ def read_unet_checkpoint(
     base_model = base_model or find_hyperparameter(hyperparameters, "base_model")
     if base_model is None:
         raise ValueError(f"{path}: its hyper-parameters name no base_model; pass --base-model")
-    return UNetCheckpoint(unet_state, hyperparameters, base_model, find_hyperparameter(hyperparameters, "base_revision"))
+    base_revision = find_hyperparameter(hyperparameters, "base_revision")
+    return UNetCheckpoint(unet_state, hyperparameters, base_model, base_revision)
 
 
 def trained_unet(read: UNetCheckpoint, source: str | PathLike) -> UNet2DConditionModel:
