@@ -120,10 +120,9 @@ def save_transparent_vae(
     out_dir: str | PathLike,
     metadata: Mapping[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
-    flavours: Iterable[FlavourName] = ("layerdiffusion",),
+    flavours: Iterable[FlavourName] = tuple(FLAVOURS),
 ) -> dict[FlavourName, tuple[Path, Path]]:
-    """Write the encoder and decoder files of each of ``flavours`` into ``out_dir`` (by
-    default the ``layerdiffusion`` files, which every consumer but the diffusers CLI reads).
+    """Write the encoder and decoder files of each of ``flavours`` into ``out_dir``.
 
     ``metadata`` (e.g. the training hyper-parameters) is stored as JSON under
     ``layerdiff_config``. Returns each flavour's ``(encoder path, decoder path)``.
