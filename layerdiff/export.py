@@ -76,7 +76,7 @@ def export_transparent_vae_checkpoint(
             f"note: decoder config {decoder.config} differs from the released {RELEASED_DECODER_CONFIG}; "
             "ComfyUI/Forge/diffusers LayerDiffuse loaders assume the released one."
         )
-    return [path for pair in written.values() for path in pair]
+    return [file for pair in written.values() for file in pair]
 
 
 def export_lora_checkpoint(
