@@ -89,7 +89,7 @@ def bare_loop(shards: str, transparent_vae: str, steps: int, clock: str) -> None
 
     from data.shards import resolve_shards
     from layerdiff import diffusion
-    from layerdiff.export import load_transparency_models
+    from layerdiff.formats.layerdiffuse_vae import load_transparency_models
     from layerdiff.models import codec
     from layerdiff.models.base import load_scheduler, load_text_encoders, load_unet, load_vae, resolve_pretrained
     from layerdiff.models.lora import DEFAULT_ADAPTER, RELEASED_LORA_TARGETS, add_lora
@@ -170,7 +170,7 @@ def run(command: list[str], root: Path, warmup: int) -> dict[str, float]:
 def prepare(work: Path) -> tuple[Path, str, str]:
     """An export of a fresh transparency encoder, the demo shards and their cached latents."""
     from data.shards import resolve_shards
-    from layerdiff.export import save_transparent_vae
+    from layerdiff.formats.layerdiffuse_vae import save_transparent_vae
     from layerdiff.models.base import resolve_pretrained
     from layerdiff.models.transparency import LatentTransparencyEncoder, TransparencyDecoder
 

@@ -34,7 +34,7 @@ from benchmarks.common import machine_description, report
 from data.datamodule import ShardDataModule
 from data.latent_cache import LatentCacheEncoder, cache_latents
 from data.shards import resolve_shards
-from layerdiff.export import save_transparent_vae
+from layerdiff.formats.layerdiffuse_vae import save_transparent_vae
 from layerdiff.models.base import resolve_pretrained
 from layerdiff.models.transparency import LatentTransparencyEncoder, TransparencyDecoder
 from layerdiff.modules.latent_diffusion import LatentDiffusionModule

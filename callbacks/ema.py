@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from layerdiff.compat import foreach_lerp_
 from layerdiff.distributed import reshard
-from layerdiff.export import EMA_AVERAGES_KEY
+from layerdiff.formats.checkpoints import EMA_AVERAGES_KEY
 from layerdiff.modules.base import TrainedParts
 
 NUM_UPDATES_KEY = "num_updates"

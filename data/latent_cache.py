@@ -46,7 +46,7 @@ from data.schema import (
     schema_error,
 )
 from data.shards import ShardWriter, iter_shard_samples, resolve_shards
-from layerdiff.export import load_transparency_models
+from layerdiff.formats.layerdiffuse_vae import load_transparency_models
 from layerdiff.files import write_atomically
 from layerdiff.models import codec
 from layerdiff.models.base import freeze, load_text_encoders, load_vae
@@ -72,6 +72,7 @@ class CacheSettings:
     base_model: str
     transparent_vae: str
     transparent_encoder_sha256: str
+    encoder_input_convention: str  # the colour the encoder is fed (its weights' convention)
     dtype: str
     text_embeddings: bool
 
@@ -151,6 +152,7 @@ class LatentCacheEncoder:
             base_model=_normalised_source(base_model),
             transparent_vae=str(Path(transparent_vae).expanduser().resolve()),
             transparent_encoder_sha256=_state_digest(self.transparent_encoder),
+            encoder_input_convention=self.transparent_encoder.input_convention,
             dtype=dtype,
             text_embeddings=text_embeddings,
         )

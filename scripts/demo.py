@@ -25,7 +25,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import WandbLogger
 
 from train import LayerdiffCLI
-from layerdiff.export import save_transparent_vae
+from layerdiff.formats.layerdiffuse_vae import save_transparent_vae
 
 VAE_RECIPE = ["-c", "configs/transparent_vae.yaml", "-c", "configs/demo/transparent_vae.yaml"]
 DIFFUSION_RECIPE = ["-c", "configs/latent_diffusion.yaml", "-c", "configs/demo/latent_diffusion.yaml"]

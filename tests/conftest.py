@@ -35,7 +35,7 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_transparent_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Export folder of an untrained transparency encoder and a narrow decoder (the released
     file format), for objectives that build on a trained transparent VAE; do not modify."""
-    from layerdiff.export import save_transparent_vae
+    from layerdiff.formats.layerdiffuse_vae import save_transparent_vae
     from layerdiff.models.transparency import LatentTransparencyEncoder, TransparencyDecoder
 
     torch.manual_seed(0)

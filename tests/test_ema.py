@@ -15,7 +15,9 @@ from test_export import assert_round_trip, fake_lightning_state, trained_tiny_mo
 from test_transparent_vae import make_data, make_module, make_trainer
 
 from callbacks import EMA, averaged_weights_of
-from layerdiff.export import EMA_AVERAGES_KEY, ENCODER_FILENAME, main, trained_state_dict
+from layerdiff.export import main
+from layerdiff.formats.checkpoints import EMA_AVERAGES_KEY, trained_state_dict
+from layerdiff.formats.layerdiffuse_vae import UNFOLDED_ENCODER_FILENAME as ENCODER_FILENAME
 from layerdiff.modules.base import TrainedParts
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(num_workers|does not have many workers|LightningModule.lr_scheduler):")

@@ -8,14 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from layerdiff.export import (
+from layerdiff.export import main
+from layerdiff.formats.layerdiffuse_vae import (
     DECODER_FILENAME,
     ENCODER_FILENAME,
+    FLAVOURS,
     load_transparent_vae,
-    main,
-    read_metadata,
     save_transparent_vae,
 )
+from layerdiff.formats.provenance import read_metadata
 from layerdiff.models.transparency import LatentTransparencyEncoder, TransparencyDecoder
 
 TINY = {"block_out_channels": (8, 8, 16, 16, 32, 32, 32), "layers_per_block": 1, "attention_head_dim": 8, "norm_num_groups": 4}
@@ -31,7 +32,7 @@ def full_size() -> tuple[LatentTransparencyEncoder, TransparencyDecoder]:
 def full_size_export(full_size, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     paths = save_transparent_vae(*full_size, out, metadata={"learning_rate": 1e-5, "nested": {"widths": (1, 2)}})
-    return out, paths
+    return out, paths["layerdiffusion"]
 
 
 def shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -158,6 +159,11 @@ def test_cli_exports_a_lightning_checkpoint(tmp_path, capsys):
     assert "differs from the released" in capsys.readouterr().out
 
     assert load_file(tmp_path / "out" / DECODER_FILENAME)["conv_out.weight"].dtype == torch.float16
+    for flavour in FLAVOURS.values():  # both released flavours by default
+        assert float(read_metadata(tmp_path / "out" / flavour.encoder_file)["offset_scale"]) == flavour.offset_scale
+        assert (tmp_path / "out" / flavour.decoder_file).is_file()
+    assert main(["transparent-vae", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "one"), "--flavour", "layerdiffusion"]) == 0
+    assert sorted(path.name for path in (tmp_path / "one").iterdir()) == [DECODER_FILENAME, ENCODER_FILENAME]
     assert_round_trip(tmp_path / "out", encoder, decoder, dtype=torch.float16)
     metadata = read_metadata(tmp_path / "out" / DECODER_FILENAME)
     assert json.loads(metadata["layerdiff_config"])["optimizer"]["betas"] == [0.9, 0.999]

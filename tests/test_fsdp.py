@@ -53,9 +53,11 @@ from test_lora_export import unet_output
 
 from train import main as train_main
 from layerdiff.distributed import SHARDED_ENTRIES, is_sharded_checkpoint, read_sharded_checkpoint
-from layerdiff.export import DECODER_FILENAME, EMA_AVERAGES_KEY, load_transparency_models, main as export_main
-from layerdiff.export import read_metadata
-from layerdiff.export_lora import DIFFUSERS_LORA_FILENAME, read_lora
+from layerdiff.export import main as export_main
+from layerdiff.formats.checkpoints import EMA_AVERAGES_KEY
+from layerdiff.formats.layerdiffuse_vae import DECODER_FILENAME, load_transparency_models
+from layerdiff.formats.lora import DIFFUSERS_LORA_FILENAME, read_lora
+from layerdiff.formats.provenance import read_metadata
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(num_workers|does not have many workers|LeafSpec|args parameter):")
 

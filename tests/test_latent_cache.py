@@ -185,9 +185,9 @@ def test_other_settings_for_a_cache_folder_are_refused(image_shards, caches, tin
     _cache(image_shards, out_dir, tiny_sdxl, retrained)  # same weights: accepted
     from safetensors.torch import load_file, save_file
 
-    weights = load_file(retrained / "vae_transparent_encoder.safetensors")
+    weights = load_file(retrained / "ld_diffusers_sdxl_vae_transparent_encoder.safetensors")
     weights["blocks.16.bias"] += 1.0
-    save_file(weights, retrained / "vae_transparent_encoder.safetensors")
+    save_file(weights, retrained / "ld_diffusers_sdxl_vae_transparent_encoder.safetensors")
     with pytest.raises(LatentCacheError, match="transparent_encoder_sha256"):
         _cache(image_shards, out_dir, tiny_sdxl, retrained)
 

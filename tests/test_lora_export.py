@@ -14,24 +14,26 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.utils import convert_unet_state_dict_to_peft
 from lightning.pytorch import Trainer
-from peft import LoraConfig, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from test_data_support import write_tiny_shards
 
 from callbacks import EMA
 from data import ShardDataModule
-from layerdiff.export import main, read_metadata
-from layerdiff.export_lora import (
+from layerdiff.export import main
+from layerdiff.formats.lora import (
+    COMFYUI_LORA_FILENAMES,
     DIFFUSERS_LORA_FILENAME,
     FORGE_LORA_FILENAMES,
-    ldm_attention_prefixes,
+    Lora,
     load_lora_into_unet,
-    lora_from_unet,
+    lora_from_state_dict,
     read_lora,
-    rename_block,
     save_diffusers_lora,
     save_forge_lora,
 )
+from layerdiff.formats.provenance import read_metadata
+from layerdiff.formats.unet_names import ldm_attention_prefixes, rename_block
 from layerdiff.models.base import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, load_unet
 from layerdiff.modules import LatentDiffusionModule
 from layerdiff.models.lora import DEFAULT_ADAPTER as LORA_ADAPTER, RELEASED_LORA_TARGETS
@@ -55,6 +57,12 @@ def adapted_unet(model: Path, lora_alpha: float, seed: int) -> UNet2DConditionMo
             if ".lora_" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
     return unet
+
+
+def lora_from_unet(unet: UNet2DConditionModel, adapter_name: str) -> Lora:
+    """An adapter's factors as the export reads them from a checkpoint: peft names, its alpha."""
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    return lora_from_state_dict(state, unet.peft_config[adapter_name].lora_alpha)
 
 
 def unet_output(unet: UNet2DConditionModel, grad: bool = False) -> torch.Tensor:
@@ -256,6 +264,10 @@ def test_cli_exports_a_lora_checkpoint_with_its_ema(tiny_sdxl, tiny_transparent_
     pipeline.load_lora_weights(tmp_path / "ema")
     torch.testing.assert_close(unet_output(pipeline.unet), ema_output, rtol=0, atol=1e-5)
     assert json.loads(read_metadata(tmp_path / "ema" / DIFFUSERS_LORA_FILENAME)["layerdiff_config"])["lora_alpha"] == 2 * RANK
+    # ComfyUI's own loader's (kohya) file, written by default too, imports back to the EMA LoRA.
+    from_comfyui = adapted_unet(tiny_sdxl, lora_alpha=RANK, seed=8)
+    load_lora_into_unet(from_comfyui, tmp_path / "ema" / COMFYUI_LORA_FILENAMES["sdxl"], LORA_ADAPTER)
+    torch.testing.assert_close(unet_output(from_comfyui), ema_output, rtol=0, atol=1e-5)
 
     forge_args = ["--format", "forge", "--no-ema", "--dtype", "fp16"]
     assert main(["lora", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "raw"), *forge_args]) == 0

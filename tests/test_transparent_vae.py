@@ -14,7 +14,7 @@ from callbacks import CorruptSampleMonitor
 from data import ShardDataModule
 from data.schema import FOREGROUND
 from layerdiff.export import main as export_main
-from layerdiff.export import read_metadata
+from layerdiff.formats.provenance import read_metadata
 from layerdiff.modules import TransparentVAEModule
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Latent transparency encoder ``E`` and decoder ``D`` (LayerDiffusion sec. 3.1, DESIGN §3).
+"""Latent transparency encoder ``E`` and decoder ``D`` (LayerDiffusion arXiv:2402.17113 sec. 3.1).
 
 Both follow the released LayerDiffuse modules module-for-module, so that their state dicts
 *are* the released ``vae_transparent_encoder.safetensors`` / ``vae_transparent_decoder.safetensors``

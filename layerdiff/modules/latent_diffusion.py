@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 
 from layerdiff import diffusion
-from layerdiff.export import load_transparency_models
+from layerdiff.formats.layerdiffuse_vae import load_transparency_models
 from layerdiff.models import codec
 from layerdiff.models.base import (
     detect_architecture,

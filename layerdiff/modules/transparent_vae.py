@@ -116,7 +116,7 @@ class TransparentVAEModule(FrozenBaseModule):
             norm_num_groups=decoder_norm_num_groups,
         )
         if init_from is not None and not is_deferred(self.transparent_decoder):
-            from layerdiff.export import load_transparent_vae
+            from layerdiff.formats.layerdiffuse_vae import load_transparent_vae
 
             load_transparent_vae(self.transparent_encoder, self.transparent_decoder, init_from)
         if gradient_checkpointing:

@@ -12,10 +12,8 @@ each with its own weight, next to the trained adapter at weight 1.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -32,11 +30,11 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from typing_extensions import NotRequired, TypedDict
 
+from layerdiff.formats.lora import lora_file
 from layerdiff.models import codec
+from layerdiff.pipelines.community_lora import CommunityLora, IncompatibleLoraError, check_lora_fits
 from layerdiff.models.base import (
     SCHEDULER_CONFIG_FILE,
     Architecture,
@@ -55,7 +53,7 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "dpm++_karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
     "ddim": (DDIMScheduler, {}),
 }
-# The transparency decoder's UNet halves the latent three more times (DESIGN.md §3).
+# The transparency decoder's UNet halves the latent three more times.
 SIZE_MULTIPLE = 64
 
 # The components of a pipeline that LoRA files address by key prefix (diffusers' naming).
@@ -63,18 +61,6 @@ LORA_COMPONENTS: dict[Architecture, tuple[str, ...]] = {
     "sdxl": ("unet", "text_encoder", "text_encoder_2"),
     "sd15": ("unet", "text_encoder"),
 }
-# "<component>.<module path>.<factor>.weight": peft (lora_A/B) and the older diffusers
-# (lora.down/up, lora_linear_layer.down/up) key formats.
-_LORA_KEY = re.compile(
-    r"(?P<component>[^.]+)\.(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora\.down|lora\.up"
-    r"|lora_linear_layer\.down|lora_linear_layer\.up)\.weight"
-)
-_DOWN_FACTORS = ("lora_A", "lora.down", "lora_linear_layer.down")
-_EXAMPLES_SHOWN = 3
-
-
-class IncompatibleLoraError(ValueError):
-    """A community LoRA file does not fit the base model it is applied to."""
 
 
 def check_size(width: int, height: int) -> None:
@@ -133,21 +119,6 @@ class PromptBatch:
 
     def __len__(self) -> int:
         return len(self.prompts)
-
-
-class CommunityLora(TypedDict):
-    """A LoRA in the diffusers/peft format stacked on the trained model when generating.
-
-    A plain dict (``{path: style.safetensors, weight: 0.8}`` in YAML), so that it stays plain
-    data in hyper-parameters and checkpoints.
-
-    Keys:
-        path: the ``.safetensors`` file (or a folder holding ``pytorch_lora_weights.safetensors``).
-        weight: its scale, 1 if left out; 0 leaves the output unchanged.
-    """
-
-    path: str
-    weight: NotRequired[float]
 
 
 @dataclass
@@ -213,90 +184,6 @@ def build_pipeline(
     return pipeline
 
 
-def lora_weight_file(path: str | Path) -> Path:
-    """The LoRA file itself: ``path``, or the diffusers default file name inside a folder."""
-    path = Path(path).expanduser()
-    candidate = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
-    if not candidate.is_file():
-        raise FileNotFoundError(
-            f"Community LoRA {path}: no such file. Give the path of a diffusers/peft LoRA "
-            "(.safetensors), or a folder holding pytorch_lora_weights.safetensors."
-        )
-    return candidate
-
-
-def check_lora_fits(
-    lora_file: Path,
-    state_dict: dict[str, torch.Tensor],
-    components: dict[str, nn.Module],
-    base_model: str,
-    architecture: Architecture,
-) -> None:
-    """Raise ``IncompatibleLoraError`` unless every LoRA factor in ``state_dict`` names a layer
-    of ``components`` with matching input/output sizes.
-
-    diffusers only warns about LoRA keys that match no layer (and peft fails deep inside on a
-    size mismatch); a LoRA made for another architecture (an SD1.5 LoRA on SDXL) would
-    then be applied partly or not at all. A LoRA factor ``down`` is ``[rank, in, ...]`` and
-    ``up`` is ``[out, rank, ...]``; the layer's weight is ``[out, in, ...]``.
-    """
-    unknown_components: set[str] = set()
-    layers: set[str] = set()
-    # dicts as ordered sets: a layer's two factors are reported once
-    missing_layers: dict[str, None] = {}
-    wrong_shapes: dict[str, str] = {}
-    for key, tensor in state_dict.items():
-        match = _LORA_KEY.fullmatch(key)
-        if match is None:
-            continue  # alphas, DoRA magnitudes and biases ride along with the factors
-        component_name, module_name, factor = match["component"], match["module"], match["factor"]
-        layer_name = f"{component_name}.{module_name}"
-        layers.add(layer_name)
-        if component_name not in components:
-            unknown_components.add(component_name)
-            continue
-        layer = _submodule(components[component_name], module_name)
-        if layer is None or not hasattr(layer, "weight"):
-            missing_layers[layer_name] = None
-            continue
-        weight = (layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer).weight
-        is_down = factor in _DOWN_FACTORS
-        lora_size, layer_size = (tensor.shape[1], weight.shape[1]) if is_down else (tensor.shape[0], weight.shape[0])
-        if lora_size != layer_size:
-            side = "input" if is_down else "output"
-            wrong_shapes.setdefault(
-                layer_name, f"{layer_name} ({side} size {lora_size} in the LoRA, {layer_size} in the model)"
-            )
-
-    problems = []
-    if not layers:
-        problems.append("it holds no LoRA weights in the diffusers/peft format ('<component>.<layer>.lora_A.weight')")
-    if unknown_components:
-        problems.append(
-            f"it has weights for {', '.join(sorted(unknown_components))}, which an {architecture.upper()} "
-            f"model does not have (its parts: {', '.join(components)})"
-        )
-    mismatches = ((list(missing_layers), "are not in the model"), (list(wrong_shapes.values()), "have other sizes"))
-    for found, what in mismatches:
-        if found:
-            examples = "; ".join(found[:_EXAMPLES_SHOWN]) + ("; ..." if len(found) > _EXAMPLES_SHOWN else "")
-            problems.append(f"{len(found)} of the {len(layers)} layers it adapts {what}, e.g. {examples}")
-    if problems:
-        raise IncompatibleLoraError(
-            f"Community LoRA {lora_file} does not fit base model '{base_model}' ({architecture.upper()}): "
-            + "; ".join(problems)
-            + ". It was probably trained for another architecture (e.g. an SD1.5 LoRA on SDXL); "
-            "use a LoRA trained for this base model."
-        )
-
-
-def _submodule(module: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return module.get_submodule(name)
-    except AttributeError:
-        return None
-
-
 class TransparentImageGenerator:
     """Text -> RGBA images with a trained UNet and transparency decoder.
 
@@ -342,15 +229,15 @@ class TransparentImageGenerator:
         Raises ``FileNotFoundError`` for a missing file and ``IncompatibleLoraError`` when its
         layers do not match this base model, before anything is changed.
         """
-        lora_file = lora_weight_file(lora["path"])
+        weights_path = lora_file(lora["path"])
         try:
-            state_dict, _ = self.pipeline.lora_state_dict(str(lora_file))
+            state_dict, _ = self.pipeline.lora_state_dict(str(weights_path))
         except (OSError, ValueError) as error:
-            raise IncompatibleLoraError(f"Community LoRA {lora_file} could not be read as a LoRA: {error}") from error
+            raise IncompatibleLoraError(f"Community LoRA {weights_path} could not be read as a LoRA: {error}") from error
         components = {name: getattr(self.pipeline, name) for name in LORA_COMPONENTS[self.architecture]}
-        check_lora_fits(lora_file, state_dict, components, self.base_model, self.architecture)
+        check_lora_fits(weights_path, state_dict, components, self.base_model, self.architecture)
         adapter_name = f"community_{len(self.community_loras)}"
-        self.pipeline.load_lora_weights(str(lora_file), adapter_name=adapter_name)
+        self.pipeline.load_lora_weights(str(weights_path), adapter_name=adapter_name)
         self.community_loras[adapter_name] = {"path": lora["path"], "weight": lora.get("weight", 1.0)}
         # Loading makes the new adapter the only active one; activate all with their weights.
         community_weights = [item["weight"] for item in self.community_loras.values()]

@@ -1,0 +1,28 @@
+"""Generation around the trained parts: text -> transparent images (``transparent``), with
+community LoRAs stacked on the UNet (``community_lora``)."""
+
+from layerdiff.pipelines.community_lora import CommunityLora, IncompatibleLoraError, check_lora_fits
+from layerdiff.pipelines.transparent import (
+    SCHEDULERS,
+    GeneratedImage,
+    GenerationSettings,
+    PromptBatch,
+    SchedulerName,
+    TransparentImageGenerator,
+    build_pipeline,
+    check_size,
+)
+
+__all__ = [
+    "SCHEDULERS",
+    "CommunityLora",
+    "GeneratedImage",
+    "GenerationSettings",
+    "IncompatibleLoraError",
+    "PromptBatch",
+    "SchedulerName",
+    "TransparentImageGenerator",
+    "build_pipeline",
+    "check_lora_fits",
+    "check_size",
+]
