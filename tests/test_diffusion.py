@@ -8,6 +8,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from layerdiff import diffusion
+from layerdiff.batches import ImageBatch
 from layerdiff.modules import LatentDiffusionModule
 
 
@@ -72,12 +73,13 @@ def test_latent_diffusion_loss_is_unchanged(tiny_sdxl, tiny_transparent_vae, set
         transparent_vae=str(tiny_transparent_vae), base_model=str(tiny_sdxl), lora_rank=4, learning_rate=1e-3, **arguments
     )
     generator = torch.Generator().manual_seed(1)
-    batch = {
-        "rgb": torch.rand(2, 3, 64, 64, generator=generator),
-        "alpha": torch.rand(2, 1, 64, 64, generator=generator),
-        "caption": ["a red apple", "a glass of water"],
-        "original_size": torch.tensor([[64, 64], [128, 192]]),
-        "crop_top_left": torch.tensor([[0, 0], [4, 8]]),
-    }
+    batch = ImageBatch(
+        rgb=torch.rand(2, 3, 64, 64, generator=generator),
+        alpha=torch.rand(2, 1, 64, 64, generator=generator),
+        caption=["a red apple", "a glass of water"],
+        key=["apple", "water"],
+        original_size=torch.tensor([[64, 64], [128, 192]]),
+        crop_top_left=torch.tensor([[0, 0], [4, 8]]),
+    )
     loss = module.compute_loss(batch, torch.Generator().manual_seed(0))["loss"]
     assert loss.item() == pytest.approx(expected, rel=1e-6)
