@@ -88,6 +88,8 @@ _SAMPLE_METADATA = REQUIRED_METADATA + ("alpha_coverage", "source", "license", "
 # Larger images are damage (or a decompression bomb), never decoded: 8192 x 8192 is 256 MiB as RGBA.
 MAX_PIXELS = 8192 * 8192
 
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk that ends every PNG
+
 REWRITE_HINT = "re-write the shards with `python -m data write SRC_DIR OUT_DIR ...`"
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -319,6 +321,8 @@ def _decode_png(data: bytes, url: str | None, key: str | None, name: str, *, wan
     # Pillow signals damaged files with many exception types (OSError, SyntaxError,
     # zlib.error, struct.error, ...); anything raised while only decoding bytes is damage.
     try:
+        if bytes(data[-len(_PNG_END):]) != _PNG_END:  # Pillow decodes a file cut off after its pixels
+            raise corrupt_member(url, key, name, f"truncated: {len(data)} bytes that do not end with a PNG's IEND chunk")
         with Image.open(io.BytesIO(data)) as image:  # reads the header only
             if image.width * image.height > MAX_PIXELS:
                 problem = f"{image.width}x{image.height} pixels, over MAX_PIXELS={MAX_PIXELS} (a decompression bomb?)"
