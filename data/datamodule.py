@@ -9,7 +9,6 @@ each training batch brings along, the running count of corrupt members, and chec
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -184,16 +183,15 @@ class ShardDataModule(pl.LightningDataModule):
         batch, position = batch
         if position.state is not None:
             self._train_loader.consume(position)
-        if position.corrupt_members:
-            for description in position.corrupt_members:
-                self._corrupt_skipped += 1
-                if self._corrupt_skipped <= WARN_FIRST_CORRUPT:
-                    log.warning("skipped %s", description)
-                if self._corrupt_skipped == WARN_FIRST_CORRUPT:
-                    log.warning(
-                        "further corrupt members are skipped without a warning; ShardDataModule.corrupt_skipped "
-                        "counts them and `python -m data validate SHARDS` lists them"
-                    )
+        for description in position.corrupt_members:
+            self._corrupt_skipped += 1
+            if self._corrupt_skipped <= WARN_FIRST_CORRUPT:
+                log.warning("skipped %s", description)
+            if self._corrupt_skipped == WARN_FIRST_CORRUPT:
+                log.warning(
+                    "further corrupt members are skipped without a warning; ShardDataModule.corrupt_skipped "
+                    "counts them and `python -m data validate SHARDS` lists them"
+                )
         return batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -212,19 +210,8 @@ class ShardDataModule(pl.LightningDataModule):
         ranks = state_dict["ranks"]
         saved = ranks[rank] if rank < len(ranks) else ranks[0]
         self._corrupt_skipped = int(saved["corrupt_skipped"])
-        progress = StreamProgress.from_state(saved["progress"])
-        if (len(ranks), saved["num_workers"]) != (world_size, self.num_workers) and progress.positions:
-            if rank == 0:
-                warnings.warn(
-                    f"The checkpoint's data position was recorded with {len(ranks)} rank(s) x "
-                    f"{saved['num_workers']} worker(s), this run has {world_size} x {self.num_workers}: the shards "
-                    f"split differently, so epoch {progress.epoch} restarts from its beginning (samples already "
-                    "seen in it are seen again). Resume with the same devices, nodes and num_workers to continue "
-                    "exactly where the run stopped.",
-                    stacklevel=2,
-                )
-            progress = StreamProgress(progress.epoch)
-        self._resume = progress
+        self._resume = StreamProgress.from_checkpoint(saved["progress"], (len(ranks), saved["num_workers"]),
+                                                      (world_size, self.num_workers), warn=rank == 0)
         self._train_loader = None
 
     def _stream(self, urls: list[str], kind: SampleKind, batch_size: int, *, training: bool) -> ShardStream:

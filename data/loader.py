@@ -9,6 +9,7 @@ item in ``on_before_batch_transfer`` and hands the position to ``consume``. The 
 from __future__ import annotations
 
 import signal
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,25 @@ class StreamProgress:
     def from_state(cls, state: dict[str, Any]) -> StreamProgress:
         return cls(int(state["epoch"]), {int(worker): position for worker, position in state["positions"].items()},
                    state["last_worker"], bool(state["complete"]))
+
+    @classmethod
+    def from_checkpoint(
+        cls, state: dict[str, Any], saved_with: tuple[int, int], now: tuple[int, int], *, warn: bool
+    ) -> StreamProgress:
+        """A rank's saved progress, or its epoch from the start when the checkpoint was written with
+        another (ranks, workers) split, whose positions do not apply (warning when ``warn``)."""
+        progress = cls.from_state(state)
+        if saved_with == now or not progress.positions:
+            return progress
+        if warn:
+            warnings.warn(
+                f"The checkpoint's data position was recorded with {saved_with[0]} rank(s) x {saved_with[1]} "
+                f"worker(s), this run has {now[0]} x {now[1]}: the shards split differently, so epoch "
+                f"{progress.epoch} restarts from its beginning (samples already seen in it are seen again). Resume "
+                "with the same devices, nodes and num_workers to continue exactly where the run stopped.",
+                stacklevel=3,
+            )
+        return cls(progress.epoch)
 
 
 def _outlast_sigterm(worker_id: int) -> None:
