@@ -95,7 +95,8 @@ def unit_float(images: torch.Tensor, *, pin_memory: bool = False) -> torch.Tenso
 def to_unit_float(batch: Batch, *, pin_memory: bool = False) -> Batch:
     """Convert a batch's uint8 images to float32 in [0, 1] (``unit_float``), in place."""
     if isinstance(batch, ImageBatch):
-        batch.rgb, batch.alpha = unit_float(batch.rgb, pin_memory=pin_memory), unit_float(batch.alpha, pin_memory=pin_memory)
+        batch.rgb = unit_float(batch.rgb, pin_memory=pin_memory)
+        batch.alpha = unit_float(batch.alpha, pin_memory=pin_memory)
     elif isinstance(batch, LayeredBatch):
         for layer in batch.layers:
             layer.pixels = unit_float(layer.pixels, pin_memory=pin_memory)

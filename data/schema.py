@@ -321,9 +321,9 @@ def _decode_png(data: bytes, url: str | None, key: str | None, name: str, *, wan
     # Pillow signals damaged files with many exception types (OSError, SyntaxError,
     # zlib.error, struct.error, ...); anything raised while only decoding bytes is damage.
     try:
-        if bytes(data[-len(_PNG_END):]) != _PNG_END:  # Pillow decodes a file cut off after its pixels
-            raise corrupt_member(url, key, name, f"truncated: {len(data)} bytes that do not end with a PNG's IEND chunk")
         with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            if image.format == "PNG" and bytes(data[-len(_PNG_END):]) != _PNG_END:  # Pillow would decode it
+                raise corrupt_member(url, key, name, f"truncated PNG: {len(data)} bytes, no IEND chunk at the end")
             if image.width * image.height > MAX_PIXELS:
                 problem = f"{image.width}x{image.height} pixels, over MAX_PIXELS={MAX_PIXELS} (a decompression bomb?)"
                 raise corrupt_member(url, key, name, problem)

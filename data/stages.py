@@ -45,7 +45,7 @@ class CorruptTracker:
     seen: int = 0
     corrupt: int = 0
     latest: str = ""
-    pending: list[str] = field(default_factory=list)  # not yet reported in a batch
+    pending: list[str] = field(default_factory=list)  # not yet reported beside a batch
 
     def record(self, error: CorruptMemberError) -> None:
         self.corrupt += 1
