@@ -97,7 +97,8 @@ class ShardDataModule(pl.LightningDataModule):
                 raise ValueError(f"{name} must be >= {minimum}, got {value}")
         if not 0.0 <= max_corrupt_fraction <= 1.0:
             raise ValueError(f"max_corrupt_fraction must be in [0, 1], got {max_corrupt_fraction}")
-        self.save_hyperparameters()
+        # A transform is an object of any class: checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["sample_transform"])
         self.train_shards = train_shards
         self.val_shards = val_shards
         self.batch_size = batch_size

@@ -6,6 +6,7 @@ from dataclasses import fields
 
 import numpy as np
 import pytest
+import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.data import extract_batch_size
@@ -120,6 +121,34 @@ def test_a_transformed_stream_resumes_with_the_same_pixels(tmp_path):
     assert len(after) and len(before) + len(after) == len(uninterrupted)
     for expected, actual in zip(uninterrupted, before + after):
         assert expected.key == actual.key and torch.equal(expected.rgb, actual.rgb)
+
+
+class _Mean(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch, batch_index):
+        return (batch.rgb.mean() - self.weight) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_run_with_a_transform_checkpoints_and_resumes(tmp_path):
+    write_tiny_shards(tmp_path / "shards", 8, per_shard=4)
+
+    def fit(steps: int, checkpoint: str | None = None) -> pl.Trainer:
+        trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, default_root_dir=tmp_path,
+                             enable_progress_bar=False, enable_model_summary=False)
+        data = ShardDataModule(str(tmp_path / "shards"), batch_size=2, num_workers=0,
+                               sample_transform=OverSolidColour())
+        trainer.fit(_Mean(), datamodule=data, ckpt_path=checkpoint)
+        return trainer
+
+    fit(2).save_checkpoint(tmp_path / "run.ckpt")
+    torch.load(tmp_path / "run.ckpt", weights_only=True)  # how checkpoints are read back
+    assert fit(3, str(tmp_path / "run.ckpt")).global_step == 3
 
 
 def test_transforms_are_configured_by_class_path():
