@@ -32,7 +32,7 @@ from PIL import Image
 from benchmarks.common import Timing, best_timings, machine_description, report, timed
 from data.datamodule import ShardDataModule
 from data.demo import DemoJob, make_demo_sample, split_codepoints, write_demo
-from data.shards import resolve_shards
+from data.spec import resolve_shards
 from data.writer import write_folder
 
 SECTION_TITLE = "## Data pipeline"
@@ -59,7 +59,7 @@ def loader_epoch(shards: str, workers: int, layers: bool, batch_size: int) -> Ti
     batches = iter(module.train_dataloader())
     next(batches)
     first_batch = time.perf_counter()
-    items = sum(len(batch["key"]) for batch in batches)
+    items = sum(len(batch) for batch, _ in batches)
     return Timing(items, time.perf_counter() - first_batch, first_batch - started)
 
 

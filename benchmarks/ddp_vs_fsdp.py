@@ -237,7 +237,7 @@ def main() -> None:
     if "sdxl-full" in cases and (args.device != "cuda" or args.base_model.startswith("embedded:")):
         parser.error("sdxl-full needs --device cuda and --base-model <an SDXL folder>")
 
-    from data.shards import resolve_shards
+    from data.spec import resolve_shards
     from layerdiff.models.base import resolve_pretrained
 
     load_at_start = os.getloadavg()[0]  # the machine may be shared; a busy one lowers every number

@@ -33,7 +33,7 @@ from lightning.pytorch import Callback, Trainer
 from benchmarks.common import machine_description, report
 from data.datamodule import ShardDataModule
 from data.latent_cache import LatentCacheEncoder, cache_latents
-from data.shards import resolve_shards
+from data.spec import resolve_shards
 from layerdiff.formats.layerdiffuse_vae import save_transparent_vae
 from layerdiff.models.base import resolve_pretrained
 from layerdiff.models.transparency import LatentTransparencyEncoder, TransparencyDecoder

@@ -36,7 +36,7 @@ from benchmarks.common import machine_description, report
 from benchmarks.latent_cache import StepTimer
 from callbacks import Preemption
 from data.datamodule import ShardDataModule
-from data.shards import resolve_shards
+from data.spec import resolve_shards
 from layerdiff.models.base import resolve_pretrained
 from layerdiff.modules import TransparentVAEModule
 

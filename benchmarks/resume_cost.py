@@ -42,7 +42,7 @@ def epoch_throughput(spec: str, workers: int, batch_size: int, track_position: b
     batches = iter(loader)
     next(batches)
     first = time.perf_counter()
-    items = sum(len(batch["key"]) for batch in batches)
+    items = sum(len(batch) for batch, _ in batches)
     return Timing(items, time.perf_counter() - first, first - started)
 
 

@@ -39,8 +39,8 @@ class TransparentReconstructionImages(Callback):
     ) -> None:
         if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        count = min(self.num_images, batch["rgb"].shape[0])
-        rgb, alpha = batch["rgb"][:count].float(), batch["alpha"][:count].float()
+        count = min(self.num_images, batch.rgb.shape[0])
+        rgb, alpha = batch.rgb[:count].float(), batch.alpha[:count].float()
         rgb_hat, alpha_hat = outputs["rgb"][:count].float(), outputs["alpha"][:count].float()
         grids = {
             "reconstruction": image_grid(

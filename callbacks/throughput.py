@@ -144,10 +144,9 @@ class CountingFlops(dispatch_mode_base()):
 
 
 def batch_size(batch) -> int:
-    """Samples in a layerdiff batch dict (its per-sample ``key`` list) or the first tensor's length."""
+    """Samples in a batch: a layerdiff batch's ``len`` (its per-sample keys), else the length of
+    a dict's first tensor, or of the batch itself."""
     if isinstance(batch, dict):
-        if "key" in batch:
-            return len(batch["key"])
         batch = next((value for value in batch.values() if isinstance(value, torch.Tensor)), None)
     return len(batch) if batch is not None else 0
 

@@ -14,9 +14,10 @@ _EXPORTS = {
     "PromptDataModule": "data.prompts",
     "SchemaError": "data.schema",
     "CorruptMemberError": "data.schema",
-    "ShardSpecError": "data.shards",
-    "resolve_shards": "data.shards",
+    "ShardSpecError": "data.spec",
+    "resolve_shards": "data.spec",
     "ensure_demo_shards": "data.demo",
+    "OverSolidColour": "data.transforms",
 }
 
 __all__ = sorted(_EXPORTS)

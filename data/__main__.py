@@ -46,7 +46,7 @@ def _write(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from data.shards import resolve_shards
+    from data.spec import resolve_shards
     from data.validate import validate_shards
 
     urls = [url for spec in args.shards for url in resolve_shards(spec)]

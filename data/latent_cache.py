@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.datamodule import batches_by_size, to_unit_float
+from data.batches import collate_images, to_unit_float
+from data.cached import encode_cached_sample
 from data.schema import (
     IMAGE_KIND,
     LATENT,
@@ -41,11 +42,12 @@ from data.schema import (
     CorruptMemberError,
     LayerSample,
     decode_sample,
-    encode_cached_sample,
     sample_kind,
     schema_error,
 )
-from data.shards import ShardWriter, iter_shard_samples, resolve_shards
+from data.shards import ShardWriter, iter_shard_samples
+from data.spec import resolve_shards
+from data.stages import batches_by_size
 from layerdiff.formats.layerdiffuse_vae import load_transparency_models
 from layerdiff.files import write_atomically
 from layerdiff.models import codec
@@ -124,7 +126,7 @@ class LatentCacheEncoder:
     """The frozen models that turn image samples into cached samples.
 
     Computes in float32 on ``device`` (the SDXL VAE overflows in float16) and stores in
-    ``dtype``. Images become float exactly as the loader makes them (``to_unit_float``),
+    ``dtype``. Images are collated and become float exactly as the loader does it (``data.batches``),
     so the cache equals what training on the image shards encodes.
     """
 
@@ -160,9 +162,8 @@ class LatentCacheEncoder:
     @torch.no_grad()
     def __call__(self, samples: list[tuple[dict[str, Any], LayerSample]]) -> list[dict[str, Any]]:
         """Cached member dicts for ``(image members, decoded sample)`` pairs of one image size."""
-        foreground = torch.from_numpy(np.stack([sample.foreground for _, sample in samples])).permute(0, 3, 1, 2)
-        images = to_unit_float({"rgb": foreground[:, :3], "alpha": foreground[:, 3:]})
-        rgb, alpha = images["rgb"].to(self.device), images["alpha"].to(self.device)
+        images = to_unit_float(collate_images([sample for _, sample in samples]))
+        rgb, alpha = images.rgb.to(self.device), images.alpha.to(self.device)
         _, adjusted = codec.encode_adjusted(self.vae, self.transparent_encoder, rgb, alpha)
         arrays = {"latent": codec.diffusion_latent(self.vae, adjusted)}
         if self.text_encoders is not None:

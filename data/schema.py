@@ -33,23 +33,8 @@ keep them to ``[A-Za-z0-9_-]``. One sample per key, with these fields:
     Captions of the background and of the blended image; empty when absent.
 Readers ignore every field they do not know.
 
-**Cached samples** (``python -m data cache-latents``, ``data/latent_cache.py``) replace
-the pixels by what the diffusion objectives compute from them, so training skips the
-frozen VAE, the transparency encoder and, optionally, the text encoders. One cached shard
-per image shard, with the same keys, and these fields (the layers ``bg.png``/``blend.png``
-are not carried over: the cache serves single-layer latent diffusion):
-
-``txt``, ``json`` (required)
-    Copied unchanged from the image sample: ``width`` and ``height`` are still the pixel
-    size the latent was encoded from (SDXL's target size), and the provenance, license
-    and attribution travel with the sample.
-``latent.npy`` (required)
-    The adjusted latent ``x_a`` (LayerDiffusion sec. 3.1) at the UNet's scale
-    (``layerdiff.models.codec.diffusion_latent``): a ``.npy`` array ``[4, H/8, W/8]``,
-    float32 or float16. No ``fg.png``: a sample with both is an image sample.
-``prompt_hidden.npy``, ``prompt_pooled.npy`` (optional, from ``--text-embeddings``)
-    The caption's ``PromptEmbeddings`` (``layerdiff.models.text``): hidden states
-    ``[77, D]`` and, for SDXL, the pooled embedding ``[P]``, in the latent's dtype.
+**Cached samples** replace the pixels by latents (and optionally text embeddings) computed
+from them; their fields are described in ``data.cached``.
 
 The *kind* of a sample (``sample_kind``) is ``image`` or the set of cached fields it has;
 one stream (and one run: training and validation) reads one kind, since a batch cannot
@@ -57,16 +42,16 @@ mix them and the objective must know which path it is on. Which base model, tran
 VAE and dtype made a cache is recorded in ``latent_cache.json`` beside its shards.
 
 Errors are of two kinds. A *corrupt member* (PNG bytes that do not decode, a
-truncated file, invalid JSON or UTF-8) is damage to one sample: readers skip it
-and count it (``CorruptMemberError``). A *schema mismatch* (a required field
+truncated file, invalid JSON or UTF-8, JSON values of an impossible type or size, an
+image over ``MAX_PIXELS``: a decompression bomb) is damage to one sample: readers skip
+it and count it (``CorruptMemberError``). A *schema mismatch* (a required field
 missing, a foreground without alpha, layers missing where they are required,
 sizes that disagree) means the shards were not written for this purpose: readers
 stop with a ``SchemaError`` that names the shard, the key, the field and the fix.
 
 ``encode_sample`` turns a ``LayerSample`` into the member dict a shard stores;
 ``decode_sample`` turns such a dict, as webdataset yields it, back into a
-``LayerSample``. For cached samples ``encode_cached_sample`` and
-``decode_cached_sample`` do the same with a ``CachedSample``.
+``LayerSample``.
 """
 
 from __future__ import annotations
@@ -100,8 +85,12 @@ CACHED_FIELDS = (LATENT, PROMPT_HIDDEN, PROMPT_POOLED)
 REQUIRED_METADATA = ("width", "height", "original_size", "crop_top_left")
 _SAMPLE_METADATA = REQUIRED_METADATA + ("alpha_coverage", "source", "license", "attribution")
 
+# Larger images are damage (or a decompression bomb), never decoded: 8192 x 8192 is 256 MiB as RGBA.
+MAX_PIXELS = 8192 * 8192
+
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk that ends every PNG
+
 REWRITE_HINT = "re-write the shards with `python -m data write SRC_DIR OUT_DIR ...`"
-RECACHE_HINT = "re-cache the image shards with `python -m data cache-latents SHARDS OUT_DIR ...` into an empty OUT_DIR"
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -162,32 +151,6 @@ class LayerSample:
     def has_layers(self) -> bool:
         """Whether background and blend are present."""
         return self.background is not None and self.blend is not None
-
-
-@dataclass
-class CachedSample:
-    """One cached sample in memory (see the module docstring).
-
-    Arrays keep their stored dtype (float32 or float16); the loader converts whole
-    batches to float32. ``size`` is the ``(height, width)`` in pixels of the image the
-    latent was encoded from.
-    """
-
-    key: str
-    latent: np.ndarray
-    caption: str
-    size: tuple[int, int]
-    original_size: tuple[int, int]
-    crop_top_left: tuple[int, int]
-    prompt_hidden: np.ndarray | None = None
-    prompt_pooled: np.ndarray | None = None
-    url: str | None = None
-
-    @property
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The arrays present, by field name (``latent.npy``, ...)."""
-        arrays = {LATENT: self.latent, PROMPT_HIDDEN: self.prompt_hidden, PROMPT_POOLED: self.prompt_pooled}
-        return {name: array for name, array in arrays.items() if array is not None}
 
 
 @dataclass(frozen=True)
@@ -297,9 +260,9 @@ def decode_sample(
     url, key = members.get("__url__"), members.get("__key__")
     for name in (FOREGROUND, CAPTION, METADATA):
         if name not in members:
-            present = ", ".join(_field_names(members)) or "nothing"
+            present = ", ".join(field_names(members)) or "nothing"
             raise schema_error(url, key, name, f"required field missing (the sample has {present})", REWRITE_HINT)
-    metadata = _decode_metadata(members, url, key)
+    metadata = decode_metadata(members, url, key)
     foreground = _decode_png(members[FOREGROUND], url, key, FOREGROUND, want_alpha=True)
     height, width = foreground.shape[:2]
     if (metadata["height"], metadata["width"]) != (height, width):
@@ -310,9 +273,9 @@ def decode_sample(
     sample = LayerSample(
         key=key,
         foreground=foreground,
-        caption=_decode_text(members, CAPTION, url, key),
-        original_size=_pair(metadata, "original_size", url, key),
-        crop_top_left=_pair(metadata, "crop_top_left", url, key),
+        caption=decode_text(members, CAPTION, url, key),
+        original_size=metadata_pair(metadata, "original_size", url, key),
+        crop_top_left=metadata_pair(metadata, "crop_top_left", url, key),
         source=str(metadata.get("source", "")),
         license=metadata.get("license"),
         attribution=metadata.get("attribution"),
@@ -339,83 +302,9 @@ def decode_sample(
             if image.shape[:2] != (height, width):
                 problem = f"size {image.shape[1]}x{image.shape[0]} differs from fg.png {width}x{height}"
                 raise schema_error(url, key, name, problem, REWRITE_HINT)
-        sample.background_caption = _decode_text(members, BACKGROUND_CAPTION, url, key, default="")
-        sample.blend_caption = _decode_text(members, BLEND_CAPTION, url, key, default="")
+        sample.background_caption = decode_text(members, BACKGROUND_CAPTION, url, key, default="")
+        sample.blend_caption = decode_text(members, BLEND_CAPTION, url, key, default="")
     return sample
-
-
-def encode_cached_sample(
-    image_members: Mapping[str, Any],
-    latent: np.ndarray,
-    prompt_hidden: np.ndarray | None = None,
-    prompt_pooled: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """The member dict of the cached sample made from an image sample's members.
-
-    Key, ``txt`` and ``json`` are kept byte for byte; the arrays are stored as ``.npy``
-    in their own dtype.
-    """
-    if prompt_pooled is not None and prompt_hidden is None:
-        raise ValueError(f"{image_members['__key__']}: prompt_pooled comes with prompt_hidden")
-    members = {name: image_members[name] for name in ("__key__", CAPTION, METADATA)}
-    for name, array in ((LATENT, latent), (PROMPT_HIDDEN, prompt_hidden), (PROMPT_POOLED, prompt_pooled)):
-        if array is not None:
-            buffer = io.BytesIO()
-            np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-            members[name] = buffer.getvalue()
-    return members
-
-
-def decode_cached_sample(members: Mapping[str, Any]) -> CachedSample:
-    """Decode the member dict of one cached sample to a ``CachedSample``.
-
-    Raises ``SchemaError`` for schema mismatches (a missing field, arrays of the wrong
-    rank, a latent that does not fit the image size) and ``CorruptMemberError`` for
-    undecodable bytes.
-    """
-    url, key = members.get("__url__"), members.get("__key__")
-    for name in (LATENT, CAPTION, METADATA):
-        if name not in members:
-            present = ", ".join(_field_names(members)) or "nothing"
-            raise schema_error(url, key, name, f"required field missing (the sample has {present})", RECACHE_HINT)
-    metadata = _decode_metadata(members, url, key)
-    height, width = metadata["height"], metadata["width"]
-    latent = _decode_array(members, LATENT, 3, url, key)
-    _, latent_height, latent_width = latent.shape
-    factor = height // latent_height if latent_height else 0
-    if not factor or (latent_height * factor, latent_width * factor) != (height, width):
-        raise schema_error(
-            url, key, LATENT,
-            f"latent {list(latent.shape)} does not fit the {width}x{height} image (one downscale factor for "
-            "both sides)", RECACHE_HINT,
-        )
-    prompt_hidden = _decode_array(members, PROMPT_HIDDEN, 2, url, key) if PROMPT_HIDDEN in members else None
-    prompt_pooled = _decode_array(members, PROMPT_POOLED, 1, url, key) if PROMPT_POOLED in members else None
-    if prompt_pooled is not None and prompt_hidden is None:
-        raise schema_error(url, key, PROMPT_POOLED, f"present without {PROMPT_HIDDEN}", RECACHE_HINT)
-    return CachedSample(
-        key=key,
-        latent=latent,
-        caption=_decode_text(members, CAPTION, url, key),
-        size=(height, width),
-        original_size=_pair(metadata, "original_size", url, key),
-        crop_top_left=_pair(metadata, "crop_top_left", url, key),
-        prompt_hidden=prompt_hidden,
-        prompt_pooled=prompt_pooled,
-        url=url,
-    )
-
-
-def _decode_array(members: Mapping[str, Any], name: str, rank: int, url: str | None, key: str | None) -> np.ndarray:
-    # As for PNGs: whatever np.load raises on these bytes (ValueError, EOFError, OSError, ...) is damage.
-    try:
-        array = np.load(io.BytesIO(members[name]), allow_pickle=False)
-    except Exception as error:  # noqa: BLE001 - see the comment above
-        raise corrupt_member(url, key, name, f"not a .npy array: {type(error).__name__}: {error}") from error
-    if array.ndim != rank or array.dtype.kind != "f":
-        problem = f"must be a {rank}-D float array, got {array.ndim}-D {array.dtype} {list(array.shape)}"
-        raise schema_error(url, key, name, problem, RECACHE_HINT)
-    return array
 
 
 def _encode_image(image: np.ndarray) -> bytes:
@@ -424,7 +313,7 @@ def _encode_image(image: np.ndarray) -> bytes:
     return encode_png(image)
 
 
-def _field_names(members: Mapping[str, Any]) -> list[str]:
+def field_names(members: Mapping[str, Any]) -> list[str]:
     return sorted(name for name in members if not name.startswith("__"))
 
 
@@ -432,7 +321,12 @@ def _decode_png(data: bytes, url: str | None, key: str | None, name: str, *, wan
     # Pillow signals damaged files with many exception types (OSError, SyntaxError,
     # zlib.error, struct.error, ...); anything raised while only decoding bytes is damage.
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            if image.format == "PNG" and bytes(data[-len(_PNG_END):]) != _PNG_END:  # Pillow would decode it
+                raise corrupt_member(url, key, name, f"truncated PNG: {len(data)} bytes, no IEND chunk at the end")
+            if image.width * image.height > MAX_PIXELS:
+                problem = f"{image.width}x{image.height} pixels, over MAX_PIXELS={MAX_PIXELS} (a decompression bomb?)"
+                raise corrupt_member(url, key, name, problem)
             image.load()
             mode, has_transparency = image.mode, "transparency" in image.info
             if want_alpha:
@@ -444,13 +338,13 @@ def _decode_png(data: bytes, url: str | None, key: str | None, name: str, *, wan
                     )
                 return np.asarray(image if mode == "RGBA" else image.convert("RGBA"))
             return np.asarray(image if mode == "RGB" else image.convert("RGB"))
-    except SchemaError:
+    except (SchemaError, CorruptMemberError):
         raise
     except Exception as error:  # noqa: BLE001 - see the comment above
         raise corrupt_member(url, key, name, f"{type(error).__name__}: {error}") from error
 
 
-def _decode_text(
+def decode_text(
     members: Mapping[str, Any], name: str, url: str | None, key: str | None, default: str | None = None
 ) -> str:
     if name not in members and default is not None:
@@ -464,21 +358,29 @@ def _decode_text(
         raise corrupt_member(url, key, name, f"not UTF-8: {error}") from error
 
 
-def _decode_metadata(members: Mapping[str, Any], url: str | None, key: str | None) -> dict[str, Any]:
+def decode_metadata(members: Mapping[str, Any], url: str | None, key: str | None) -> dict[str, Any]:
     try:
-        metadata = json.loads(_decode_text(members, METADATA, url, key))
+        metadata = json.loads(decode_text(members, METADATA, url, key))
     except json.JSONDecodeError as error:
         raise corrupt_member(url, key, METADATA, f"invalid JSON: {error}") from error
     if not isinstance(metadata, dict):
-        raise schema_error(url, key, METADATA, f"must be a JSON object, got {type(metadata).__name__}", REWRITE_HINT)
+        raise corrupt_member(url, key, METADATA, f"must be a JSON object, got {type(metadata).__name__}")
     missing = [name for name in REQUIRED_METADATA if name not in metadata]
     if missing:
         raise schema_error(url, key, METADATA, f"missing {', '.join(missing)}", REWRITE_HINT)
+    width, height = metadata["width"], metadata["height"]
+    if not all(_is_int(side) and side > 0 for side in (width, height)) or width * height > MAX_PIXELS:
+        problem = f"width and height must be positive integers of at most {MAX_PIXELS} pixels, got {width!r}x{height!r}"
+        raise corrupt_member(url, key, METADATA, problem)
     return metadata
 
 
-def _pair(metadata: Mapping[str, Any], name: str, url: str | None, key: str | None) -> tuple[int, int]:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def metadata_pair(metadata: Mapping[str, Any], name: str, url: str | None, key: str | None) -> tuple[int, int]:
     value = metadata[name]
-    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value)):
-        raise schema_error(url, key, METADATA, f"{name} must be a list of two integers, got {value!r}", REWRITE_HINT)
+    if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) and v >= 0 for v in value)):
+        raise corrupt_member(url, key, METADATA, f"{name} must be a list of two non-negative integers, got {value!r}")
     return value[0], value[1]

@@ -17,11 +17,11 @@ from data.schema import (
     SampleKind,
     SchemaError,
     alpha_coverage,
-    decode_cached_sample,
     decode_sample,
     kind_mismatch,
     sample_kind,
 )
+from data.cached import decode_cached_sample
 from data.shards import iter_shard_samples
 
 COVERAGE_BINS = 10

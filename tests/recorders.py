@@ -18,7 +18,7 @@ class BatchKeyRecorder(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if trainer.is_global_zero:
             with self.path.open("a") as file:
-                file.write(json.dumps({"step": trainer.global_step, "keys": list(batch["key"])}) + "\n")
+                file.write(json.dumps({"step": trainer.global_step, "keys": list(batch.key)}) + "\n")
 
 
 def steps_seen(path: Path) -> dict[int, list[str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from collections import Counter
+from dataclasses import fields
 
 import lightning.pytorch as pl
 import pytest
@@ -12,46 +13,64 @@ import torch
 from test_data_support import rgb_png, truncated_foreground, write_tiny_shards
 
 from data import ShardDataModule
-from data.datamodule import CORRUPT_MEMBERS, ShardsChangedError, ShardStream, TooManyCorruptMembersError
 from data.schema import FOREGROUND, SchemaError
-from data.shards import ShardSpecError
+from data.spec import ShardSpecError
+from data.stages import ShardsChangedError, TooManyCorruptMembersError
+from data.stream import ShardStream, Tagged
+from layerdiff.batches import ImageBatch, LayeredBatch
 
-BATCH_KEYS = {"rgb", "alpha", "caption", "key", "original_size", "crop_top_left", "corrupt_skipped"}
-LAYER_KEYS = {"background", "blend", "background_caption", "blend_caption"}
+BATCH_KEYS = {"rgb", "alpha", "caption", "key", "original_size", "crop_top_left"}
+LAYERED_KEYS = {"layers", "caption", "key", "original_size", "crop_top_left"}
 
 
-def _epoch(module: ShardDataModule, loader=None) -> list[dict]:
+def _fields(batch) -> set[str]:
+    return {field.name for field in fields(batch)}
+
+
+def _epoch(module: ShardDataModule, loader=None) -> list[ImageBatch]:
     loader = loader if loader is not None else module.train_dataloader()
     return [module.on_before_batch_transfer(batch, 0) for batch in loader]
 
 
-def _keys(batches: list[dict]) -> list[str]:
-    return [key for batch in batches for key in batch["key"]]
+def _keys(batches: list) -> list[str]:
+    return [key for batch in batches for key in batch.key]
 
 
 @pytest.mark.parametrize("require_layers", [False, True])
 def test_batches_follow_the_contract(tmp_path, require_layers):
     write_tiny_shards(tmp_path, 10, per_shard=5, sizes=((32, 48),), layers=True)
     module = ShardDataModule(str(tmp_path), batch_size=4, num_workers=0, require_layers=require_layers)
-    batches = _epoch(module)
-    assert [len(b["key"]) for b in batches] == [4, 4, 2]
+    raw = list(module.train_dataloader())
+    assert all(isinstance(item, Tagged) and item.position.corrupt_members == [] for item in raw)
+    batches = [module.on_before_batch_transfer(item, 0) for item in raw]
+    assert [len(b.key) for b in batches] == [4, 4, 2]
     batch = batches[0]
-    assert set(batch) == BATCH_KEYS | (LAYER_KEYS if require_layers else set())
-    assert batch["rgb"].shape == (4, 3, 32, 48) and batch["rgb"].dtype == torch.float32
-    assert batch["alpha"].shape == (4, 1, 32, 48) and batch["alpha"].dtype == torch.float32
-    assert batch["rgb"].is_contiguous() and batch["alpha"].is_contiguous()
-    for name in ("rgb", "alpha") + (("background", "blend") if require_layers else ()):
-        assert 0.0 <= batch[name].min() and batch[name].max() <= 1.0 and batch[name].max() > 0.5
-    assert 0.0 in batch["alpha"] and 1.0 in batch["alpha"]
-    assert batch["original_size"].dtype == torch.int64 and batch["original_size"].shape == (4, 2)
-    assert batch["original_size"][0].tolist() == [64, 96]
-    assert batch["crop_top_left"].dtype == torch.int64 and batch["crop_top_left"].shape == (4, 2)
-    assert batch["corrupt_skipped"].dtype == torch.int64 and batch["corrupt_skipped"].shape == ()
-    index = int(batch["key"][0].split("-")[1])
-    assert batch["caption"][0] == f"caption {index}" and batch["crop_top_left"][0].tolist() == [index % 3, index % 5]
+    assert type(batch) is (LayeredBatch if require_layers else ImageBatch)
+    assert _fields(batch) == (LAYERED_KEYS if require_layers else BATCH_KEYS)
     if require_layers:
-        assert batch["background"].shape == batch["blend"].shape == (4, 3, 32, 48)
-        assert batch["blend_caption"][0] == f"blend {index}"
+        assert [layer.name for layer in batch.layers] == ["foreground", "background", "blend"]
+        foreground, background, blend = batch.layers
+        rgb, alpha = foreground.rgb, foreground.alpha
+        assert foreground.pixels.is_contiguous() and background.alpha is None and blend.alpha is None
+        images = [foreground.pixels, background.pixels, blend.pixels]
+    else:
+        rgb, alpha = batch.rgb, batch.alpha
+        assert rgb.is_contiguous() and alpha.is_contiguous()
+        images = [rgb, alpha]
+    assert rgb.shape == (4, 3, 32, 48) and rgb.dtype == torch.float32
+    assert alpha.shape == (4, 1, 32, 48) and alpha.dtype == torch.float32
+    for image in images:
+        assert 0.0 <= image.min() and image.max() <= 1.0 and image.max() > 0.5
+    assert 0.0 in alpha and 1.0 in alpha
+    assert batch.original_size.dtype == torch.int64 and batch.original_size.shape == (4, 2)
+    assert batch.original_size[0].tolist() == [64, 96]
+    assert batch.crop_top_left.dtype == torch.int64 and batch.crop_top_left.shape == (4, 2)
+    index = int(batch.key[0].split("-")[1])
+    assert batch.caption[0] == f"caption {index}" and batch.crop_top_left[0].tolist() == [index % 3, index % 5]
+    if require_layers:
+        assert background.pixels.shape == blend.pixels.shape == (4, 3, 32, 48)
+        assert blend.caption[0] == f"blend {index}" and background.caption[0] == f"background {index}"
+        assert batch.layer("blend") is blend and foreground.caption == batch.caption
 
 
 @pytest.mark.parametrize("shards", [4, 1])  # whole shards per worker; fewer shards than workers: samples split
@@ -69,7 +88,7 @@ def test_ranks_partition_the_data(tmp_path):
     shards = write_tiny_shards(tmp_path, 24, per_shard=4)
     common = dict(batch_size=2, shuffle=True, shuffle_buffer=4, seed=5, resample=False, require_layers=False,
                   world_size=2, max_corrupt_fraction=0.0)
-    per_rank = [_keys(list(ShardStream(shards, rank=rank, **common))) for rank in (0, 1)]
+    per_rank = [_keys([item.batch for item in ShardStream(shards, rank=rank, **common)]) for rank in (0, 1)]
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == [f"sample-{i:04d}" for i in range(24)]
 
@@ -81,22 +100,22 @@ def test_shuffling_is_reproducible_and_validation_is_ordered(tmp_path):
     module = ShardDataModule(str(tmp_path), val_shards=str(tmp_path), batch_size=4, val_batch_size=5, num_workers=0)
     validation = _epoch(module, module.val_dataloader())
     assert _keys(validation) == [f"sample-{i:04d}" for i in range(16)]
-    assert [len(b["key"]) for b in validation] == [5, 5, 5, 1]
+    assert [len(b.key) for b in validation] == [5, 5, 5, 1]
 
 
 def test_batches_never_mix_sizes(tmp_path):
     write_tiny_shards(tmp_path, 21, per_shard=7, sizes=((32, 32), (32, 48), (48, 32)))
     batches = _epoch(ShardDataModule(str(tmp_path), batch_size=4, num_workers=0))
     assert sorted(_keys(batches)) == [f"sample-{i:04d}" for i in range(21)]
-    assert Counter(tuple(b["rgb"].shape[2:]) for b in batches) == {(32, 32): 2, (32, 48): 2, (48, 32): 2}
-    assert sorted(len(b["key"]) for b in batches) == [3, 3, 3, 4, 4, 4]
+    assert Counter(tuple(b.rgb.shape[2:]) for b in batches) == {(32, 32): 2, (32, 48): 2, (48, 32): 2}
+    assert sorted(len(b.key) for b in batches) == [3, 3, 3, 4, 4, 4]
 
 
 def test_resampling_streams_without_end(tmp_path):
     write_tiny_shards(tmp_path, 6, per_shard=3)
     loader = ShardDataModule(str(tmp_path), batch_size=4, num_workers=0, resample=True).train_dataloader()
-    batches = [batch for _, batch in zip(range(10), loader)]
-    assert len(batches) == 10 and all(len(b["key"]) == 4 for b in batches)
+    batches = [item.batch for _, item in zip(range(10), loader)]
+    assert len(batches) == 10 and all(len(b.key) == 4 for b in batches)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -108,8 +127,8 @@ def test_corrupt_members_are_skipped_counted_and_named(tmp_path, num_workers, ca
         raw = list(module.train_dataloader())
         batches = [module.on_before_batch_transfer(batch, 0) for batch in raw]
     assert sorted(_keys(batches)) == [f"sample-{i:04d}" for i in range(16) if i not in damage]
-    assert sum(int(b["corrupt_skipped"]) for b in batches) == 2 and module.corrupt_skipped == 2
-    assert all(CORRUPT_MEMBERS not in b for b in batches)
+    assert sum(len(item.position.corrupt_members) for item in raw) == 2 and module.corrupt_skipped == 2
+    assert all(isinstance(b, ImageBatch) for b in batches)  # the positions stay beside the batches
     assert f"shard {shards[0]}, key sample-0003, field 'fg.png'" in caplog.text
     assert f"shard {shards[1]}, key sample-0012" in caplog.text
     module.load_state_dict(module.state_dict())
@@ -168,7 +187,7 @@ def _batches_from(module: ShardDataModule, count: int | None = None) -> list[lis
     loader = module.train_dataloader()
     taken = []
     for batch in loader:
-        taken.append(module.on_before_batch_transfer(batch, 0)["key"])
+        taken.append(module.on_before_batch_transfer(batch, 0).key)
         if count is not None and len(taken) == count:
             break
     return taken
@@ -257,11 +276,11 @@ class _BatchRecorder(pl.LightningModule):
         self.seen: list[set[str]] = []
 
     def training_step(self, batch, batch_index):
-        self.seen.append(set(batch))
-        return (batch["rgb"].mean() - self.weight) ** 2
+        self.seen.append(_fields(batch))
+        return (batch.rgb.mean() - self.weight) ** 2
 
     def validation_step(self, batch, batch_index):
-        self.seen.append(set(batch))
+        self.seen.append(_fields(batch))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)

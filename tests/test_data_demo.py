@@ -18,7 +18,8 @@ from data.demo import (
     write_demo,
 )
 from data.schema import decode_sample
-from data.shards import iter_shard_samples, resolve_shards
+from data.shards import iter_shard_samples
+from data.spec import resolve_shards
 
 
 def _decoded(split_dir: Path) -> list:

@@ -21,7 +21,8 @@ from data.schema import (
     encode_sample,
     prepare_foreground,
 )
-from data.shards import INDEX_NAME, ShardSpecError, ShardWriter, iter_shard_samples, resolve_shards
+from data.shards import INDEX_NAME, ShardWriter, iter_shard_samples
+from data.spec import ShardSpecError, resolve_shards
 
 
 def _as_read(members: dict, url: str = "shards/shard-000007.tar") -> dict:

@@ -14,7 +14,8 @@ from test_data_support import tiny_rgba
 import data.writer
 from data.__main__ import main
 from data.schema import decode_sample
-from data.shards import iter_shard_samples, resolve_shards
+from data.shards import iter_shard_samples
+from data.spec import resolve_shards
 from data.writer import (
     NO_ALPHA,
     NO_TRANSPARENT_PIXEL,

@@ -8,6 +8,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from layerdiff import diffusion
+from layerdiff.batches import ImageBatch
 from layerdiff.modules import LatentDiffusionModule
 
 
@@ -56,7 +57,9 @@ def test_min_snr_weights_and_weighted_loss_by_hand():
 
 
 # Losses of LatentDiffusionModule.compute_loss on one fixed batch and seed, measured on main before
-# the step moved into layerdiff.diffusion (tiny SDXL, LoRA rank 4 from torch seed 0).
+# the step moved into layerdiff.diffusion (tiny SDXL, LoRA rank 4 from torch seed 0). The tolerance
+# admits what another torch / diffusers / transformers release moves in the last float32 digits
+# (the small v-prediction loss moved by 1.1e-6 relative between two installs), nothing larger.
 PINNED_LOSSES = [
     ({}, 1.1466341018676758),
     ({"prediction_type": "v_prediction", "min_snr_gamma": 5.0}, 0.007445854134857655),
@@ -72,12 +75,13 @@ def test_latent_diffusion_loss_is_unchanged(tiny_sdxl, tiny_transparent_vae, set
         transparent_vae=str(tiny_transparent_vae), base_model=str(tiny_sdxl), lora_rank=4, learning_rate=1e-3, **arguments
     )
     generator = torch.Generator().manual_seed(1)
-    batch = {
-        "rgb": torch.rand(2, 3, 64, 64, generator=generator),
-        "alpha": torch.rand(2, 1, 64, 64, generator=generator),
-        "caption": ["a red apple", "a glass of water"],
-        "original_size": torch.tensor([[64, 64], [128, 192]]),
-        "crop_top_left": torch.tensor([[0, 0], [4, 8]]),
-    }
+    batch = ImageBatch(
+        rgb=torch.rand(2, 3, 64, 64, generator=generator),
+        alpha=torch.rand(2, 1, 64, 64, generator=generator),
+        caption=["a red apple", "a glass of water"],
+        key=["apple", "water"],
+        original_size=torch.tensor([[64, 64], [128, 192]]),
+        crop_top_left=torch.tensor([[0, 0], [4, 8]]),
+    )
     loss = module.compute_loss(batch, torch.Generator().manual_seed(0))["loss"]
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)

@@ -37,7 +37,7 @@ class Regression(FrozenBaseModule):
         self.weights_after: list[float] = []
 
     def training_step(self, batch, batch_idx):
-        loss = (batch["rgb"].mean() - self.weight) ** 2
+        loss = (batch.rgb.mean() - self.weight) ** 2
         if batch_idx in self.nan_at:
             loss = loss * float("nan")
         if self.skip_non_finite({"regression": loss}):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from test_data_support import tiny_sample, truncated_foreground, write_tiny_shar
 
 from data import ShardDataModule
 from data.__main__ import main
+from data.cached import decode_cached_sample, encode_cached_sample
 from data.latent_cache import MANIFEST_NAME, LatentCacheEncoder, LatentCacheError, cache_latents
 from data.schema import (
     FOREGROUND,
@@ -23,12 +25,12 @@ from data.schema import (
     PROMPT_POOLED,
     CorruptMemberError,
     SchemaError,
-    decode_cached_sample,
-    encode_cached_sample,
     encode_sample,
 )
-from data.shards import iter_shard_samples, resolve_shards
+from data.shards import iter_shard_samples
+from data.spec import resolve_shards
 from data.validate import validate_shards
+from layerdiff.batches import CachedBatch, ImageBatch
 from layerdiff.models import codec
 from layerdiff.models.text import encode_prompts
 
@@ -63,12 +65,12 @@ def caches(image_shards, tiny_sdxl, tiny_transparent_vae, tmp_path_factory) -> d
     return folders
 
 
-def _batch(shards: Path | str, **options) -> dict:
+def _batch(shards: Path | str, **options):
     """All samples of one size (64 x 64), in key order, as the validation loader gives them."""
     module = ShardDataModule(str(shards), val_shards=str(shards), val_batch_size=SAMPLES, num_workers=0, **options)
     module.setup()
     batches = [module.on_before_batch_transfer(batch, 0) for batch in module.val_dataloader()]
-    return next(batch for batch in batches if batch["key"][0] == KEYS[0])
+    return next(batch for batch in batches if batch.key[0] == KEYS[0])
 
 
 def test_the_cli_writes_one_cached_shard_per_image_shard_keeping_captions_and_metadata(
@@ -97,32 +99,33 @@ def test_the_cli_writes_one_cached_shard_per_image_shard_keeping_captions_and_me
 
 def test_cached_batches_hold_what_training_would_encode(image_shards, caches, tiny_sdxl, tiny_transparent_vae):
     images, cached = _batch(image_shards), _batch(caches["float32+text"])
-    assert set(cached) == {"latent", "prompt_hidden", "prompt_pooled", "caption", "key", "original_size",
-                           "crop_top_left", "corrupt_skipped"}
+    assert isinstance(cached, CachedBatch) and isinstance(images, ImageBatch)
+    assert {field.name for field in fields(cached)} == {"latent", "prompt_hidden", "prompt_pooled", "caption", "key",
+                                                         "original_size", "crop_top_left"}
     for name in ("caption", "key"):
-        assert cached[name] == images[name]
+        assert getattr(cached, name) == getattr(images, name)
     for name in ("original_size", "crop_top_left"):
-        assert torch.equal(cached[name], images[name])
-    assert cached["latent"].dtype == torch.float32 and cached["latent"].shape == (3, 4, 8, 8)
+        assert torch.equal(getattr(cached, name), getattr(images, name))
+    assert cached.latent.dtype == torch.float32 and cached.latent.shape == (3, 4, 8, 8)
 
     models = _encoder(tiny_sdxl, tiny_transparent_vae, text_embeddings=True)
     with torch.no_grad():
-        _, adjusted = codec.encode_adjusted(models.vae, models.transparent_encoder, images["rgb"], images["alpha"])
+        _, adjusted = codec.encode_adjusted(models.vae, models.transparent_encoder, images.rgb, images.alpha)
         latent = codec.diffusion_latent(models.vae, adjusted)
-    prompts = encode_prompts(models.text_encoders, images["caption"])
-    torch.testing.assert_close(cached["latent"], latent, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(cached["prompt_hidden"], prompts.hidden, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(cached["prompt_pooled"], prompts.pooled, rtol=1e-5, atol=1e-6)
+    prompts = encode_prompts(models.text_encoders, images.caption)
+    torch.testing.assert_close(cached.latent, latent, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached.prompt_hidden, prompts.hidden, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached.prompt_pooled, prompts.pooled, rtol=1e-5, atol=1e-6)
 
     half = _batch(caches["float16+text"])
-    assert half["latent"].dtype == torch.float32  # stored as float16, batched as float32
-    torch.testing.assert_close(half["latent"], latent, rtol=1e-3, atol=1e-3)
+    assert half.latent.dtype == torch.float32  # stored as float16, batched as float32
+    torch.testing.assert_close(half.latent, latent, rtol=1e-3, atol=1e-3)
     # Worker processes pass the same batches.
     workers = ShardDataModule(str(caches["float16+text"]), val_shards=str(caches["float16+text"]),
                               val_batch_size=SAMPLES, num_workers=1)
     workers.setup()
-    batch = next(b for b in workers.val_dataloader() if b["key"][0] == KEYS[0])
-    assert torch.equal(batch["latent"], half["latent"]) and torch.equal(batch["prompt_hidden"], half["prompt_hidden"])
+    batch = next(b for b, _ in workers.val_dataloader() if b.key[0] == KEYS[0])
+    assert torch.equal(batch.latent, half.latent) and torch.equal(batch.prompt_hidden, half.prompt_hidden)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +140,8 @@ def latent_diffusion(tiny_sdxl, tiny_transparent_vae):
 def test_cached_and_image_batches_give_the_same_loss(image_shards, caches, latent_diffusion, cache, tolerance):
     module = latent_diffusion
     images, cached = _batch(image_shards), _batch(caches[cache])
-    assert "rgb" in images and "latent" in cached and ("prompt_hidden" in cached) == cache.endswith("+text")
+    assert isinstance(images, ImageBatch) and isinstance(cached, CachedBatch)
+    assert (cached.prompt_hidden is not None) == cache.endswith("+text")
     losses = [module.compute_loss(batch, torch.Generator().manual_seed(7))["loss"] for batch in (images, cached)]
     assert losses[0] > 0
     torch.testing.assert_close(losses[1], losses[0], rtol=tolerance, atol=0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from test_data_support import write_tiny_shards
 
 from data import ShardDataModule
 from layerdiff import diffusion
+from layerdiff.batches import ImageBatch
 from layerdiff.modules import LatentDiffusionModule
 from layerdiff.resume import rank_seed
 
@@ -29,18 +31,19 @@ def make_module(base_model: Path, transparent_vae: Path, **overrides) -> LatentD
     return LatentDiffusionModule(**arguments)
 
 
-def image_batch(size: int = 64, batch_size: int = 2) -> dict:
+def image_batch(size: int = 64, batch_size: int = 2) -> ImageBatch:
     generator = torch.Generator().manual_seed(1)
-    return {
-        "rgb": torch.rand(batch_size, 3, size, size, generator=generator),
-        "alpha": torch.rand(batch_size, 1, size, size, generator=generator),
-        "caption": ["a red apple", "a glass of water"][:batch_size],
-        "original_size": torch.tensor([[size, size], [2 * size, 3 * size]])[:batch_size],
-        "crop_top_left": torch.tensor([[0, 0], [4, 8]])[:batch_size],
-    }
+    return ImageBatch(
+        rgb=torch.rand(batch_size, 3, size, size, generator=generator),
+        alpha=torch.rand(batch_size, 1, size, size, generator=generator),
+        caption=["a red apple", "a glass of water"][:batch_size],
+        key=["apple", "water"][:batch_size],
+        original_size=torch.tensor([[size, size], [2 * size, 3 * size]])[:batch_size],
+        crop_top_left=torch.tensor([[0, 0], [4, 8]])[:batch_size],
+    )
 
 
-def loss_with_seed(module: LatentDiffusionModule, batch: dict, seed: int = 0) -> torch.Tensor:
+def loss_with_seed(module: LatentDiffusionModule, batch: ImageBatch, seed: int = 0) -> torch.Tensor:
     return module.compute_loss(batch, torch.Generator().manual_seed(seed))["loss"]
 
 
@@ -104,7 +107,7 @@ def test_each_rank_draws_from_its_own_stream():
 def test_sdxl_micro_conditioning_reaches_the_unet(tiny_sdxl, tiny_transparent_vae):
     module = make_module(tiny_sdxl, tiny_transparent_vae)
     batch = image_batch()
-    moved = {**batch, "original_size": batch["original_size"] * 4}
+    moved = replace(batch, original_size=batch.original_size * 4)
     assert not torch.allclose(loss_with_seed(module, batch), loss_with_seed(module, moved))
 
 
@@ -112,7 +115,7 @@ def test_sd15_trains_without_pooled_text_or_size_conditions(tiny_sd15, tiny_tran
     module = make_module(tiny_sd15, tiny_transparent_vae)
     assert module.architecture == "sd15"
     batch = image_batch()
-    loss = loss_with_seed(module, {key: value for key, value in batch.items() if key not in ("original_size", "crop_top_left")})
+    loss = loss_with_seed(module, replace(batch, original_size=None, crop_top_left=None))  # never read for SD1.5
     loss.backward()
     assert torch.isfinite(loss)
 
@@ -137,7 +140,7 @@ def test_min_snr_weights_follow_the_paper():
 def test_caption_dropout_trains_on_the_empty_prompt(tiny_sdxl, tiny_transparent_vae):
     always = make_module(tiny_sdxl, tiny_transparent_vae, caption_dropout=1.0)
     batch = image_batch()
-    empty = {**batch, "caption": ["", ""]}
+    empty = replace(batch, caption=["", ""])
     assert torch.equal(loss_with_seed(always, batch), loss_with_seed(always, empty))
     never = make_module(tiny_sdxl, tiny_transparent_vae)
     never.load_state_dict(always.state_dict())

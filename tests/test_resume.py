@@ -38,9 +38,9 @@ class DropoutRegression(FrozenBaseModule):
         self.keys: list[list[str]] = []
 
     def training_step(self, batch, batch_idx):
-        self.keys.append(list(batch["key"]))
-        features = batch["rgb"].mean(dim=(2, 3))
-        return (self.layers(features).squeeze(1) - batch["alpha"].mean(dim=(1, 2, 3))).pow(2).mean()
+        self.keys.append(list(batch.key))
+        features = batch.rgb.mean(dim=(2, 3))
+        return (self.layers(features).squeeze(1) - batch.alpha.mean(dim=(1, 2, 3))).pow(2).mean()
 
     def validation_step(self, batch, batch_idx):
         torch.rand(7)  # moves the global RNG

@@ -87,11 +87,11 @@ def test_it_learns_alpha(tiny_sdxl, shards, tmp_path):
     assert module.discriminator is None
     data = make_data(shards, batch_size=4, resample=True)
     data.setup("fit")
-    batch = next(iter(data.val_dataloader()))
+    batch = data.on_before_batch_transfer(next(iter(data.val_dataloader())), 0)
 
     def alpha_error() -> float:
         with torch.no_grad():
-            return torch.nn.functional.mse_loss(module.reconstruct(batch["rgb"], batch["alpha"])["alpha"], batch["alpha"]).item()
+            return torch.nn.functional.mse_loss(module.reconstruct(batch.rgb, batch.alpha)["alpha"], batch.alpha).item()
 
     before = alpha_error()
     make_trainer(tmp_path, max_steps=60).fit(module, datamodule=data)

@@ -137,8 +137,10 @@ class FrozenBaseModule(LightningModule):
             yield from (parameter for parameter in parameters if parameter.requires_grad)
 
     def configure_model(self) -> None:
-        auxiliary = self.trained_modules(self.trained.auxiliary)
-        shard_trained_parts(self, self.trained_modules(self.trained.exported) + auxiliary, own_dtype=auxiliary)
+        # Sharding units are modules; a trained bare parameter stays whole.
+        exported, auxiliary = ([part for part in self.trained_modules(names) if isinstance(part, nn.Module)]
+                               for names in (self.trained.exported, self.trained.auxiliary))
+        shard_trained_parts(self, exported + auxiliary, own_dtype=auxiliary)
 
     def generator(self, name: str) -> torch.Generator:
         """This rank's generator ``name`` (declared in ``generators``), on the CPU so that a seed

@@ -4,11 +4,12 @@ transparency encoder, and text goes in, a transparent image comes out."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from layerdiff import diffusion
+from layerdiff.batches import CachedBatch, ImageBatch
 from layerdiff.formats.layerdiffuse_vae import load_transparency_models
 from layerdiff.models import codec
 from layerdiff.models.base import (
@@ -20,7 +21,7 @@ from layerdiff.models.base import (
     load_vae,
 )
 from layerdiff.models.lora import DEFAULT_ADAPTER, RELEASED_LORA_TARGETS, add_lora
-from layerdiff.models.text import PromptEmbeddings, encode_prompts, sdxl_time_ids
+from layerdiff.models.text import PromptConditioning, PromptEmbeddings
 from layerdiff.modules.base import FrozenBaseModule, TrainedParts
 from layerdiff.optim import LearningRateSchedule, OptimizerName, build_lr_schedule, build_optimizer
 from layerdiff.pipelines import CommunityLora, GeneratedImage, PromptBatch, TransparentImageGenerator
@@ -108,6 +109,7 @@ class LatentDiffusionModule(FrozenBaseModule):
         self.transparent_encoder, self.transparent_decoder = freeze(encoder), freeze(decoder)
         self.text_encoders = load_text_encoders(base_model, revision=base_revision)
         self.text_encoder_modules = torch.nn.ModuleList(freeze(encoder) for encoder in self.text_encoders.encoders)
+        self.conditioning = PromptConditioning(self.text_encoders)
         self.noise_scheduler = load_scheduler(base_model, revision=base_revision)
         self.prediction_type = prediction_type or self.noise_scheduler.config.prediction_type
 
@@ -118,39 +120,31 @@ class LatentDiffusionModule(FrozenBaseModule):
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
 
-        self._empty_prompt: PromptEmbeddings | None = None
         self._image_generator: TransparentImageGenerator | None = None
 
     # -- conditioning and latents ------------------------------------------------------
 
     def encode_prompts(self, captions: list[str]) -> PromptEmbeddings:
-        return encode_prompts(self.text_encoders, list(captions), self.device)
+        return self.conditioning.encode(captions, self.device)
 
-    def _prompt_embeddings(self, batch: dict[str, Any], drop: torch.Tensor) -> PromptEmbeddings:
-        if "prompt_hidden" in batch:
-            prompts = PromptEmbeddings(batch["prompt_hidden"], batch.get("prompt_pooled"))
+    def _prompt_embeddings(self, batch: ImageBatch | CachedBatch, drop: torch.Tensor) -> PromptEmbeddings:
+        if isinstance(batch, CachedBatch) and batch.prompt_hidden is not None:
+            prompts = PromptEmbeddings(batch.prompt_hidden, batch.prompt_pooled)
         else:
-            prompts = self.encode_prompts(batch["caption"])
-        if not drop.any():
-            return prompts
-        if self._empty_prompt is None:
-            self._empty_prompt = self.encode_prompts([""])
-        return prompts.select(drop.to(prompts.hidden.device), self._empty_prompt)
+            prompts = self.encode_prompts(batch.caption)
+        return self.conditioning.drop(prompts, drop)
 
     @torch.no_grad()
-    def diffusion_latents(self, batch: dict[str, Any]) -> torch.Tensor:
+    def diffusion_latents(self, batch: ImageBatch | CachedBatch) -> torch.Tensor:
         """The adjusted latents ``x_a`` on the UNet's scale: cached, or encoded now."""
-        if "latent" in batch:
-            return batch["latent"]
-        _, adjusted = codec.encode_adjusted(self.vae, self.transparent_encoder, batch["rgb"], batch["alpha"])
+        if isinstance(batch, CachedBatch):
+            return batch.latent
+        _, adjusted = codec.encode_adjusted(self.vae, self.transparent_encoder, batch.rgb, batch.alpha)
         return codec.diffusion_latent(self.vae, adjusted)
 
-    def _added_conditions(self, batch: dict[str, Any], prompts: PromptEmbeddings, latents: torch.Tensor) -> dict | None:
-        if self.architecture != "sdxl":
-            return None
+    def _added_conditions(self, batch: ImageBatch | CachedBatch, prompts: PromptEmbeddings, latents: torch.Tensor) -> dict | None:
         target_size = tuple(side * self.vae_scale_factor for side in latents.shape[-2:])
-        time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], target_size)
-        return {"text_embeds": prompts.pooled, "time_ids": time_ids.to(prompts.pooled.dtype)}
+        return self.conditioning.added_conditions(prompts, batch.original_size, batch.crop_top_left, target_size)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -158,7 +152,7 @@ class LatentDiffusionModule(FrozenBaseModule):
 
     # -- the objective -------------------------------------------------------------------
 
-    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def compute_loss(self, batch: ImageBatch | CachedBatch, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """LD eq. 7 on one batch; every random draw comes from ``generator`` (on the CPU, so
         a seed gives the same noise on any device), in a fixed order."""
         latents = self.diffusion_latents(batch)
@@ -184,20 +178,20 @@ class LatentDiffusionModule(FrozenBaseModule):
         target = diffusion.target(self.prediction_type, alphas_cumprod, latents, noise, timesteps)
         return {"loss": diffusion.denoising_loss(prediction, target, weights)}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: ImageBatch | CachedBatch, batch_idx: int) -> torch.Tensor | None:
         loss = self.compute_loss(batch, self.generator("noise"))["loss"]
         if self.skip_non_finite({"diffusion": loss}):
             return None  # Lightning then skips backward and the update
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["caption"]))
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch.caption))
         return loss
 
     def on_validation_epoch_start(self) -> None:
         # The same timesteps and noise at every validation, so val/loss curves compare.
         self._validation_generator = torch.Generator().manual_seed(rank_seed(self.hparams.seed + 1, self.global_rank))
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: ImageBatch | CachedBatch, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch, self._validation_generator)["loss"]
-        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["caption"]), sync_dist=True)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch.caption), sync_dist=True)
         return loss
 
     def configure_optimizers(self):

@@ -10,6 +10,7 @@ from torchmetrics import MeanSquaredError
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from layerdiff import losses
+from layerdiff.batches import ImageBatch
 from layerdiff.distributed import is_deferred, trained_part
 from layerdiff.metrics import MaskedPSNR
 from layerdiff.models.base import freeze, load_vae
@@ -173,8 +174,8 @@ class TransparentVAEModule(FrozenBaseModule):
     def _discriminator_active(self) -> bool:
         return self.discriminator is not None and self.global_step >= self.hparams.discriminator_start_step
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        rgb, alpha = batch["rgb"], batch["alpha"]
+    def training_step(self, batch: ImageBatch, batch_idx: int) -> None:
+        rgb, alpha = batch.rgb, batch.alpha
         hp = self.hparams
         optimizers = self.optimizers()
         generator_optimizer, discriminator_optimizer = (
@@ -277,8 +278,8 @@ class TransparentVAEModule(FrozenBaseModule):
 
     # -- validation ------------------------------------------------------------------------
 
-    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        rgb, alpha = batch["rgb"], batch["alpha"]
+    def validation_step(self, batch: ImageBatch, batch_idx: int) -> dict[str, torch.Tensor]:
+        rgb, alpha = batch.rgb, batch.alpha
         outputs = self.reconstruct(rgb, alpha, augmentation=self.hparams.validation_augmentation)
         self.val_alpha_mse.update(outputs["alpha"], alpha)
         self.val_rgb_psnr_visible.update(outputs["rgb"], rgb, alpha > 0)
