@@ -21,11 +21,12 @@ from data.loader import EpochDataLoader, StreamProgress
 from data.schema import IMAGE_KIND, SampleKind, SchemaError
 from data.spec import ShardSpecError, resolve_shards
 from data.stream import SampleTransform, ShardStream, Tagged, detect_sample_kind
-from layerdiff.resume import gather_from_ranks
+from layerdiff.resume import save_per_rank, saved_states
 
 log = logging.getLogger(__name__)
 
 WARN_FIRST_CORRUPT = 5
+DATA_POSITION_KEY = "data"  # the per-rank entry (layerdiff.resume) of each rank's stream progress
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -204,11 +205,16 @@ class ShardDataModule(pl.LightningDataModule):
             "num_workers": self.num_workers,
             "corrupt_skipped": self._corrupt_skipped,
         }
-        return {"ranks": gather_from_ranks(local)}
+        state: dict[str, Any] = {}
+        save_per_rank(state, DATA_POSITION_KEY, local)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         rank, world_size = self._rank_and_world_size()
-        ranks = state_dict["ranks"]
+        ranks = saved_states(state_dict, DATA_POSITION_KEY)
+        if ranks is None:
+            raise ValueError(f"the checkpoint's {type(self).__name__} state has no data position ({DATA_POSITION_KEY!r}); "
+                             "it was written by another version of layerdiff: resume without it by removing that entry")
         saved = ranks[rank] if rank < len(ranks) else ranks[0]
         self._corrupt_skipped = int(saved["corrupt_skipped"])
         self._resume = StreamProgress.from_checkpoint(saved["progress"], (len(ranks), saved["num_workers"]),

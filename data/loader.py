@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from data.batches import to_unit_float
 from data.stream import ShardStream, StreamPosition, Tagged
+from layerdiff.compat import shutdown_loader_workers
 
 
 @dataclass
@@ -149,7 +150,5 @@ class EpochDataLoader(DataLoader):
         finally:
             # A worker's exception leaves torch's iterator in a reference cycle, so its workers
             # would be shut down only by a later garbage collection, which then stalls ~5 s.
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            shutdown_loader_workers(batches)
 

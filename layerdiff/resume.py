@@ -5,7 +5,9 @@ would (every rank's global random generators and named generators, its data posi
 Lightning writes a checkpoint from rank 0, but every rank builds its contents, so each piece
 of per-rank state is gathered into one list under ``checkpoint["per_rank"][name]`` that rank 0
 writes and each rank reads its own entry from (:func:`save_per_rank`, :func:`load_per_rank`).
-A resumed run with another number of ranks gets ``None`` and starts that state afresh.
+A resumed run with another number of ranks gets ``None`` and starts that state afresh. The
+container is the checkpoint itself for LightningModules and callbacks, and a DataModule's own
+``state_dict`` (Lightning gives DataModules no access to the checkpoint).
 """
 
 from __future__ import annotations
@@ -36,9 +38,14 @@ def save_per_rank(checkpoint: dict[str, Any], name: str, state: Any) -> None:
     checkpoint.setdefault(PER_RANK_KEY, {})[name] = gather_from_ranks(state)
 
 
+def saved_states(checkpoint: dict[str, Any], name: str) -> list[Any] | None:
+    """Every rank's ``name`` state in ``checkpoint``, in rank order (``None``: it has none)."""
+    return checkpoint.get(PER_RANK_KEY, {}).get(name)
+
+
 def saved_world_size(checkpoint: dict[str, Any], name: str) -> int | None:
     """How many ranks wrote ``name`` into ``checkpoint`` (``None``: the checkpoint has none)."""
-    states = checkpoint.get(PER_RANK_KEY, {}).get(name)
+    states = saved_states(checkpoint, name)
     return None if states is None else len(states)
 
 

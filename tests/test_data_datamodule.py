@@ -178,7 +178,7 @@ def test_epoch_counter_is_saved_and_restored(tmp_path):
     second_epoch = _keys(_epoch(module, loader))
     restored = ShardDataModule(str(tmp_path), batch_size=4, num_workers=0)
     restored.load_state_dict(state)
-    assert state["ranks"][0]["progress"]["epoch"] == 0 and state["ranks"][0]["progress"]["complete"]
+    assert state["per_rank"]["data"][0]["progress"]["epoch"] == 0 and state["per_rank"]["data"][0]["progress"]["complete"]
     assert _keys(_epoch(restored)) == second_epoch
 
 
@@ -297,8 +297,8 @@ def test_trains_under_lightning_with_the_exact_batch_keys(tmp_path):
     trainer.fit(model, datamodule=module)
     assert model.seen and all(keys == BATCH_KEYS for keys in model.seen)
     assert module.corrupt_skipped == 2  # one per epoch
-    assert module.state_dict()["ranks"][0]["progress"] == {
-        "epoch": 1, "positions": module.state_dict()["ranks"][0]["progress"]["positions"], "last_worker": 0,
+    assert module.state_dict()["per_rank"]["data"][0]["progress"] == {
+        "epoch": 1, "positions": module.state_dict()["per_rank"]["data"][0]["progress"]["positions"], "last_worker": 0,
         "complete": True,
     }
 
