@@ -349,3 +349,13 @@ def test_one_parser_reads_every_factor_key_layout():
     assert {key: tuple(parse_lora_key(key)) for key in cases} == cases
     for other in ("unet.x.alpha", "unet.x.lora_A.bias", "unet.x.lora_magnitude_vector.weight", "unet.x.weight"):
         assert parse_lora_key(other) is None, other
+
+
+def test_an_export_of_a_part_the_checkpoint_does_not_export_names_what_it_does(tmp_path):
+    from layerdiff.formats.checkpoints import exported_state
+
+    contents = {"state_dict": {"unet.x.lora_A.weight": torch.zeros(1)},
+                "trained_parts": {"exported": ["unet"], "auxiliary": []}}
+    assert set(exported_state(contents, "unet", tmp_path)) == {"x.lora_A.weight"}
+    with pytest.raises(ValueError, match=r"exports \['unet'\], not 'transparent_encoder'"):
+        exported_state(contents, "transparent_encoder", tmp_path)

@@ -21,6 +21,8 @@ import torch
 from layerdiff.distributed import read_sharded_checkpoint
 
 EMA_AVERAGES_KEY = "averaged_parameters"
+# What an objective module trains: {"exported": [attribute names], "auxiliary": [...]}.
+TRAINED_PARTS_KEY = "trained_parts"
 # Wrappers that activation checkpointing and torch.compile insert into parameter names.
 _WRAPPER_SEGMENT = re.compile(r"(_checkpoint_wrapped_module|_orig_mod)\.")
 
@@ -60,6 +62,21 @@ def trained_state_dict(contents: Mapping[str, Any], use_ema: bool = True) -> dic
         )
     state_dict.update(averages[0])
     return state_dict
+
+
+def exported_state(
+    contents: Mapping[str, Any], part: str, checkpoint_path: str | os.PathLike, use_ema: bool = True
+) -> dict[str, torch.Tensor]:
+    """The weights of trained part ``part`` (e.g. ``unet``), its prefix removed (empty when the
+    checkpoint has none). A checkpoint that declares its parts (:data:`TRAINED_PARTS_KEY`, from
+    ``layerdiff.modules.base``) must list ``part`` among the exported ones."""
+    declared = contents.get(TRAINED_PARTS_KEY)
+    if declared is not None and part not in declared["exported"]:
+        raise ValueError(
+            f"{checkpoint_path}: this checkpoint's module exports {declared['exported']}, not '{part}' "
+            f"(its training machinery: {declared['auxiliary'] or 'none'}); use the export command for that module."
+        )
+    return submodule_state(trained_state_dict(contents, use_ema), f"{part}.")
 
 
 def submodule_state(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

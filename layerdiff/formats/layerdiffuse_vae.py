@@ -41,7 +41,7 @@ from typing import Any, Literal, get_args
 import torch
 from safetensors.torch import load_file, save_file
 
-from layerdiff.formats.checkpoints import find_hyperparameter, read_checkpoint, submodule_state, trained_state_dict
+from layerdiff.formats.checkpoints import exported_state, find_hyperparameter, read_checkpoint
 from layerdiff.formats.provenance import provenance, read_metadata, tensors_for_file
 from layerdiff.models.transparency import (
     RELEASED_DECODER_WIDTHS,
@@ -294,10 +294,9 @@ def transparency_models_from_checkpoint(
     The encoder's input convention is that of the weights the run started from
     (``init_from``), ``"straight"`` for a run from scratch.
     """
-    state_dict = trained_state_dict(contents, use_ema)
     hyperparameters = dict(contents.get("hyper_parameters", {}))
-    encoder_state = submodule_state(state_dict, ENCODER_PREFIX)
-    decoder_state = submodule_state(state_dict, DECODER_PREFIX)
+    encoder_state = exported_state(contents, ENCODER_PREFIX.rstrip("."), checkpoint_path, use_ema)
+    decoder_state = exported_state(contents, DECODER_PREFIX.rstrip("."), checkpoint_path, use_ema)
     if not encoder_state or not decoder_state:
         raise ValueError(
             f"{checkpoint_path}: no '{ENCODER_PREFIX}*' / '{DECODER_PREFIX}*' weights in the checkpoint's "

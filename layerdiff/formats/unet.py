@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from diffusers import UNet2DConditionModel
 
-from layerdiff.formats.checkpoints import find_hyperparameter, read_checkpoint, submodule_state, trained_state_dict
+from layerdiff.formats.checkpoints import exported_state, find_hyperparameter, read_checkpoint
 from layerdiff.formats.lora import UNET_PREFIX, Lora, fuse_lora, lora_from_state_dict
 from layerdiff.models.base import load_unet
 
@@ -46,7 +46,7 @@ def read_unet_checkpoint(
     path = Path(checkpoint)
     contents = read_checkpoint(path)
     hyperparameters = dict(contents.get("hyper_parameters", {}))
-    unet_state = submodule_state(trained_state_dict(contents, use_ema), UNET_PREFIX)
+    unet_state = exported_state(contents, UNET_PREFIX.rstrip("."), path, use_ema)
     if not unet_state:
         raise ValueError(
             f"{path}: no '{UNET_PREFIX}*' weights in the checkpoint; is it a LatentDiffusionModule checkpoint?"

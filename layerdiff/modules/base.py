@@ -22,13 +22,13 @@ from torch.distributed.tensor import DTensor
 
 from layerdiff.compat import attached_trainer
 from layerdiff.distributed import shard_trained_parts
+from layerdiff.formats.checkpoints import TRAINED_PARTS_KEY
 from layerdiff.resume import capture_rng_states, load_per_rank, rank_seed, restore_rng_states, save_per_rank
 
 log = logging.getLogger(__name__)
 
 RNG_STATES_KEY = "rng_states"
 GENERATORS_KEY = "generators"
-TRAINED_PARTS_KEY = "trained_parts"
 NON_FINITE_SKIPPED_KEY = "non_finite_skipped"
 GRADIENTS_TERM = "gradients"
 WARN_FIRST_NON_FINITE = 5
