@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from slurm_cluster import SKIP_VARIABLE, SlurmCluster, missing_programs, start_cluster
-from test_data_support import write_tiny_shards
+from support.shards import write_tiny_shards
+from support.slurm_cluster import (
+    SKIP_VARIABLE,
+    SlurmCluster,
+    missing_programs,
+    start_cluster,
+)
 
 from layerdiff.models.tiny import build_tiny_sdxl
 
@@ -36,7 +40,10 @@ def tiny_transparent_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Export folder of an untrained transparency encoder and a narrow decoder (the released
     file format), for objectives that build on a trained transparent VAE; do not modify."""
     from layerdiff.formats.layerdiffuse_vae import save_transparent_vae
-    from layerdiff.models.transparency import LatentTransparencyEncoder, TransparencyDecoder
+    from layerdiff.models.transparency import (
+        LatentTransparencyEncoder,
+        TransparencyDecoder,
+    )
 
     torch.manual_seed(0)
     encoder = LatentTransparencyEncoder()
@@ -53,7 +60,11 @@ def tiny_transparent_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sd15(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An SD1.5-layout model (one text encoder, no added conditions) from the tiny SDXL's
     VAE, first text encoder and tokenizer plus a matching tiny UNet; do not modify."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     sdxl = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     torch.manual_seed(0)
@@ -94,7 +105,7 @@ def tiny_vae_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """A real one-node SLURM cluster on loopback (``tests/slurm_cluster.py``), started once per
+    """A real one-node SLURM cluster on loopback (``tests/support/slurm_cluster.py``), started once per
     session and stopped at its end. Skipped only when ``LAYERDIFF_SKIP_SLURM_TESTS=1``."""
     if os.environ.get(SKIP_VARIABLE) == "1":
         pytest.skip(f"{SKIP_VARIABLE}=1: the SLURM tests are skipped on this machine")

@@ -108,7 +108,9 @@ def test_shutdown_loader_workers_stops_them_now():
 
 def test_the_metadata_filename_is_the_file_lightning_reads_beside_a_distributed_checkpoint(tmp_path):
     import torch.distributed.checkpoint as dcp
-    from lightning.fabric.utilities.load import _load_distributed_checkpoint  # consolidate_checkpoint's reader
+    from lightning.fabric.utilities.load import (
+        _load_distributed_checkpoint,  # consolidate_checkpoint's reader
+    )
 
     folder = tmp_path / "checkpoint"
     dcp.save({"state_dict": {"weight": torch.ones(2)}}, checkpoint_id=folder)

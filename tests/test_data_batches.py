@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
-import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.data import extract_batch_size
-from test_data_support import tiny_sample, write_tiny_shards
+from support.shards import tiny_sample, write_tiny_shards
 
 from data import OverSolidColour, ShardDataModule
 from data.batches import collate_cached, collate_images, collate_layers, to_unit_float

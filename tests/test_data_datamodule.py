@@ -10,7 +10,7 @@ from dataclasses import fields
 import lightning.pytorch as pl
 import pytest
 import torch
-from test_data_support import rgb_png, truncated_foreground, write_tiny_shards
+from support.shards import rgb_png, truncated_foreground, write_tiny_shards
 
 from data import ShardDataModule
 from data.schema import FOREGROUND, SchemaError

@@ -18,7 +18,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from test_data_support import tiny_sample
+from support.shards import tiny_sample
 
 from data import ShardDataModule
 from data.schema import CAPTION, FOREGROUND, MAX_PIXELS, METADATA, encode_sample

@@ -7,7 +7,13 @@ import tarfile
 
 import numpy as np
 import pytest
-from test_data_support import rgb_png, tiny_rgba, tiny_sample, truncated_foreground, write_tiny_shards
+from support.shards import (
+    rgb_png,
+    tiny_rgba,
+    tiny_sample,
+    truncated_foreground,
+    write_tiny_shards,
+)
 
 from data.schema import (
     BACKGROUND,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from test_data_support import rgb_png, truncated_foreground, write_tiny_shards
+from support.shards import rgb_png, truncated_foreground, write_tiny_shards
 
 from data.__main__ import main
 from data.schema import FOREGROUND, METADATA

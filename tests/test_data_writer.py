@@ -9,7 +9,7 @@ import numpy as np
 import png
 import pytest
 from PIL import Image
-from test_data_support import tiny_rgba
+from support.shards import tiny_rgba
 
 import data.writer
 from data.__main__ import main

@@ -5,48 +5,29 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer
-from torch.utils.data import DataLoader, TensorDataset
-
+from lightning.pytorch import Callback, Trainer
 from safetensors.torch import load_file
-from test_data_support import write_tiny_shards
-from test_export import assert_round_trip, fake_lightning_state, trained_tiny_modules
-from test_transparent_vae import make_data, make_module, make_trainer
+from support.shards import write_tiny_shards
+from support.toys import Regression, loader
+from support.transparency import (
+    assert_round_trip,
+    fake_lightning_state,
+    make_data,
+    make_module,
+    make_trainer,
+    trained_tiny_modules,
+)
 
 from callbacks import EMA, averaged_weights_of
 from layerdiff.export import main
 from layerdiff.formats.checkpoints import EMA_AVERAGES_KEY, trained_state_dict
-from layerdiff.formats.layerdiffuse_vae import UNFOLDED_ENCODER_FILENAME as ENCODER_FILENAME
-from layerdiff.modules.base import TrainedParts
+from layerdiff.formats.layerdiffuse_vae import (
+    UNFOLDED_ENCODER_FILENAME as ENCODER_FILENAME,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(num_workers|does not have many workers|LightningModule.lr_scheduler):")
 
 TRAINED = ("layer.weight", "layer.bias")
-
-
-class Regression(LightningModule):
-    """A linear layer trained by SGD, beside a frozen layer and an (untrained) discriminator."""
-
-    trained = TrainedParts(exported=("layer",), auxiliary=("discriminator",))
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.layer = torch.nn.Linear(3, 2)
-        self.frozen = torch.nn.Linear(2, 2).requires_grad_(False)
-        self.discriminator = torch.nn.Linear(2, 1)
-        self.validation_weights: list[torch.Tensor] = []
-
-    def training_step(self, batch, batch_idx):
-        inputs, targets = batch
-        return F.mse_loss(self.frozen(self.layer(inputs)), targets)
-
-    def validation_step(self, batch, batch_idx):
-        self.validation_weights.append(self.layer.weight.detach().clone())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.layer.parameters(), lr=0.5)
 
 
 class WeightRecorder(Callback):
@@ -58,12 +39,6 @@ class WeightRecorder(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         parameters = dict(pl_module.named_parameters())
         self.weights[trainer.global_step] = {name: parameters[name].detach().clone() for name in TRAINED}
-
-
-def loader(batches: int = 2) -> DataLoader:
-    generator = torch.Generator().manual_seed(1)
-    inputs = torch.randn(4 * batches, 3, generator=generator)
-    return DataLoader(TensorDataset(inputs, torch.randn(4 * batches, 2, generator=generator)), batch_size=4)
 
 
 def fit(module, callbacks, tmp_path, ckpt_path=None, batches=2, **trainer_args) -> Trainer:

@@ -7,6 +7,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.transparency import (
+    TINY,
+    assert_round_trip,
+    fake_lightning_state,
+    trained_tiny_modules,
+)
 
 from layerdiff.export import main
 from layerdiff.formats.layerdiffuse_vae import (
@@ -18,8 +24,6 @@ from layerdiff.formats.layerdiffuse_vae import (
 )
 from layerdiff.formats.provenance import read_metadata
 from layerdiff.models.transparency import LatentTransparencyEncoder, TransparencyDecoder
-
-TINY = {"block_out_channels": (8, 8, 16, 16, 32, 32, 32), "layers_per_block": 1, "attention_head_dim": 8, "norm_num_groups": 4}
 
 
 @pytest.fixture(scope="module")
@@ -117,30 +121,6 @@ def test_training_checkpoint_given_as_a_file_gets_a_pointer_to_the_cli(tmp_path)
         load_transparent_vae(LatentTransparencyEncoder(), None, tmp_path)
     with pytest.raises(FileNotFoundError, match=DECODER_FILENAME):
         load_transparent_vae(None, TransparencyDecoder(**TINY), tmp_path)
-
-
-def fake_lightning_state(encoder, decoder) -> dict[str, torch.Tensor]:
-    state = {"vae.decoder.conv_in.weight": torch.zeros(1), "discriminator.main.0.weight": torch.zeros(1)}
-    state.update({f"transparent_encoder.{k}": v for k, v in encoder.state_dict().items()})
-    state.update({f"transparent_decoder.{k}": v for k, v in decoder.state_dict().items()})
-    return state
-
-
-def trained_tiny_modules() -> tuple[LatentTransparencyEncoder, TransparencyDecoder]:
-    torch.manual_seed(3)
-    encoder, decoder = LatentTransparencyEncoder(), TransparencyDecoder(**{**TINY, "attention_head_dim": 4})
-    with torch.no_grad():
-        for parameter in [*encoder.parameters(), *decoder.parameters()]:
-            parameter.add_(torch.randn_like(parameter) * 0.01)
-    return encoder, decoder
-
-
-def assert_round_trip(out, encoder, decoder, dtype=torch.float32):
-    loaded_encoder, loaded_decoder = LatentTransparencyEncoder(), TransparencyDecoder(**{**TINY, "attention_head_dim": 4})
-    load_transparent_vae(loaded_encoder, loaded_decoder, out)
-    for original, loaded in ((encoder, loaded_encoder), (decoder, loaded_decoder)):
-        for key, tensor in original.state_dict().items():
-            torch.testing.assert_close(loaded.state_dict()[key], tensor.to(dtype).float(), rtol=0, atol=0)
 
 
 def test_cli_exports_a_lightning_checkpoint(tmp_path, capsys):

@@ -14,13 +14,13 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_data_support import write_tiny_shards
+from support.shards import write_tiny_shards
 
 from callbacks import OutputDirectoryCheck, OutputDirectoryError
 from data import ShardDataModule
 from data.schema import FOREGROUND
+from layerdiff.modules.base import FrozenBaseModule, NonFiniteLossError, TrainedParts
 from train import LayerdiffCLI
-from layerdiff.modules.base import FrozenBaseModule, TrainedParts, NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -48,16 +48,23 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_data_support import write_tiny_shards
-from test_lora_export import unet_output
+from support.shards import write_tiny_shards
+from support.unets import unet_output
 
-from train import main as train_main
-from layerdiff.distributed import SHARDED_ENTRIES, is_sharded_checkpoint, read_sharded_checkpoint
+from layerdiff.distributed import (
+    SHARDED_ENTRIES,
+    is_sharded_checkpoint,
+    read_sharded_checkpoint,
+)
 from layerdiff.export import main as export_main
 from layerdiff.formats.checkpoints import EMA_AVERAGES_KEY
-from layerdiff.formats.layerdiffuse_vae import DECODER_FILENAME, load_transparency_models
+from layerdiff.formats.layerdiffuse_vae import (
+    DECODER_FILENAME,
+    load_transparency_models,
+)
 from layerdiff.formats.lora import DIFFUSERS_LORA_FILENAME, read_lora
 from layerdiff.formats.provenance import read_metadata
+from train import main as train_main
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(num_workers|does not have many workers|LeafSpec|args parameter):")
 
@@ -151,7 +158,7 @@ def sharded_command(configs: tuple[str, ...], overlay: Path, *extra: str) -> lis
 
 
 def train_environment() -> dict[str, str]:
-    # tests/ on the path for crash_while_saving.CrashWhileSaving
+    # tests/ on the path for support.crash_while_saving.CrashWhileSaving
     return {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}"}
 
 
@@ -191,7 +198,7 @@ def checkpoint_path(root: Path, step: int) -> Path:
 def vae_sharded(tiny_sdxl, one_batch_shards, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vae_sharded")
     images = {"class_path": "callbacks.TransparentReconstructionImages", "init_args": {"num_images": 2}}
-    construction = {"class_path": "recorders.ConstructionRecorder", "init_args": {"path": str(root / "construction")}}
+    construction = {"class_path": "support.recorders.ConstructionRecorder", "init_args": {"path": str(root / "construction")}}
     run_sharded(VAE_RECIPE, run_overlay(root, one_batch_shards, vae_model(tiny_sdxl), [images, construction]))
     return root
 
@@ -209,7 +216,7 @@ def vae_resumed_and_killed(tiny_sdxl, one_batch_shards, vae_sharded, tmp_path_fa
     checkpoint folder; rank 0 is SIGKILLed while writing ``last.ckpt`` at step 2, after the
     step-2 checkpoint is complete."""
     root = tmp_path_factory.mktemp("vae_resumed")
-    crash = {"class_path": "crash_while_saving.CrashWhileSaving", "init_args": {"step": STEPS, "save_number": 2}}
+    crash = {"class_path": "support.crash_while_saving.CrashWhileSaving", "init_args": {"step": STEPS, "save_number": 2}}
     overlay = run_overlay(root, one_batch_shards, vae_model(tiny_sdxl), [crash], save_last=True)
     shutil.copytree(checkpoint_path(vae_sharded, CHECKPOINT_EVERY), root / "checkpoints" / "last.ckpt")
     command = sharded_command(VAE_RECIPE, overlay, "--ckpt_path", str(checkpoint_path(vae_sharded, CHECKPOINT_EVERY)))
@@ -494,7 +501,8 @@ def test_a_lora_block_is_one_unit_of_its_factors_while_base_weights_stay_whole(t
 
     from layerdiff.distributed import ShardingSettings, parallelize
     from layerdiff.models.base import load_unet
-    from layerdiff.models.lora import DEFAULT_ADAPTER as LORA_ADAPTER, RELEASED_LORA_TARGETS
+    from layerdiff.models.lora import DEFAULT_ADAPTER as LORA_ADAPTER
+    from layerdiff.models.lora import RELEASED_LORA_TARGETS
     from layerdiff.optim import build_optimizer
 
     unet = load_unet(str(tiny_sdxl)).requires_grad_(False)
@@ -577,7 +585,11 @@ def test_under_sharded_construction_only_a_nodes_first_process_builds_the_traine
     from lightning.pytorch import Trainer
     from torch.utils.data import DataLoader
 
-    from layerdiff.distributed import FSDP2Strategy, is_sharding_strategy, sharded_construction
+    from layerdiff.distributed import (
+        FSDP2Strategy,
+        is_sharding_strategy,
+        sharded_construction,
+    )
     from layerdiff.modules import TransparentVAEModule
 
     def trained_and_frozen(module):

@@ -18,14 +18,19 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from test_data_support import write_tiny_shards
+from support.shards import write_tiny_shards
 
 from callbacks import RGBAPredictionWriter, TransparentSamples
 from data import PromptDataModule, ShardDataModule
-from train import LayerdiffCLI
 from layerdiff.models.base import load_unet
 from layerdiff.modules import LatentDiffusionModule
-from layerdiff.pipelines import SCHEDULERS, CommunityLora, GenerationSettings, IncompatibleLoraError
+from layerdiff.pipelines import (
+    SCHEDULERS,
+    CommunityLora,
+    GenerationSettings,
+    IncompatibleLoraError,
+)
+from train import LayerdiffCLI
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = GenerationSettings(width=64, height=64, steps=2, guidance_scale=5.0)

@@ -11,12 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_data_support import tiny_sample, truncated_foreground, write_tiny_shards
+from support.shards import tiny_sample, truncated_foreground, write_tiny_shards
 
 from data import ShardDataModule
 from data.__main__ import main
 from data.cached import decode_cached_sample, encode_cached_sample
-from data.latent_cache import MANIFEST_NAME, LatentCacheEncoder, LatentCacheError, cache_latents
+from data.latent_cache import (
+    MANIFEST_NAME,
+    LatentCacheEncoder,
+    LatentCacheError,
+    cache_latents,
+)
 from data.schema import (
     FOREGROUND,
     LATENT,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from test_data_support import write_tiny_shards
+from support.shards import write_tiny_shards
 
 from data import ShardDataModule
 from layerdiff import diffusion

@@ -11,12 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.utils import convert_unet_state_dict_to_peft
 from lightning.pytorch import Trainer
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from test_data_support import write_tiny_shards
+from support.shards import write_tiny_shards
+from support.unets import unet_output
 
 from callbacks import EMA
 from data import ShardDataModule
@@ -35,8 +40,9 @@ from layerdiff.formats.lora import (
 from layerdiff.formats.provenance import read_metadata
 from layerdiff.formats.unet_names import ldm_attention_prefixes, rename_block
 from layerdiff.models.base import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, load_unet
+from layerdiff.models.lora import DEFAULT_ADAPTER as LORA_ADAPTER
+from layerdiff.models.lora import RELEASED_LORA_TARGETS
 from layerdiff.modules import LatentDiffusionModule
-from layerdiff.models.lora import DEFAULT_ADAPTER as LORA_ADAPTER, RELEASED_LORA_TARGETS
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(num_workers|does not have many workers|LeafSpec):")
 
@@ -63,25 +69,6 @@ def lora_from_unet(unet: UNet2DConditionModel, adapter_name: str) -> Lora:
     """An adapter's factors as the export reads them from a checkpoint: peft names, its alpha."""
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     return lora_from_state_dict(state, unet.peft_config[adapter_name].lora_alpha)
-
-
-def unet_output(unet: UNet2DConditionModel, grad: bool = False) -> torch.Tensor:
-    """The UNet's prediction on fixed inputs (with SDXL's added conditions when it takes them),
-    with autograd recording it if ``grad``."""
-    config = unet.config
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, config.in_channels, config.sample_size, config.sample_size, generator=generator)
-    hidden = torch.randn(1, 5, config.cross_attention_dim, generator=generator)
-    added = None
-    if config.addition_embed_type == "text_time":
-        num_time_ids = 6
-        pooled_dim = config.projection_class_embeddings_input_dim - num_time_ids * config.addition_time_embed_dim
-        added = {
-            "text_embeds": torch.randn(1, pooled_dim, generator=generator),
-            "time_ids": torch.randn(1, num_time_ids, generator=generator),
-        }
-    with torch.set_grad_enabled(grad):
-        return unet(sample, 500, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
 
 
 @pytest.fixture(scope="module")

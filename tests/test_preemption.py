@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_ema import Regression, loader
+from support.runs import run_environment, saved_step, tiny_fit_arguments
+from support.toys import Regression, loader
 
 from callbacks import Preemption
 from callbacks.preemption import slurm_job_id
@@ -63,10 +63,6 @@ def fit(tmp_path: Path, callbacks: list[Callback], ckpt_path: str | None = None,
     trainer = Trainer(callbacks=[checkpoint, *callbacks], **{**settings, **trainer_args})
     trainer.fit(Regression(), train_dataloaders=loader(4), val_dataloaders=loader(1), ckpt_path=ckpt_path)
     return trainer
-
-
-def saved_step(path: Path) -> int:
-    return torch.load(path, weights_only=False)["global_step"]
 
 
 @pytest.fixture
@@ -156,48 +152,6 @@ def test_unknown_or_reserved_requeue_signals_are_refused():
 
 
 # -- train.py fit on two CPU ranks -----------------------------------------------------------
-
-
-def tiny_fit_arguments(
-    tiny_sdxl: Path, shards: dict[str, str], root: Path, max_steps: int, hold_at_step: int | None = None
-) -> list[str]:
-    """``train.py fit`` arguments for the transparent VAE recipe with the demo overlay, shrunk to
-    a tiny decoder and a few deterministic steps (no resampling, fixed seeds; no discriminator,
-    whose parameters DDP finds unused before its start step), with the test probe recording
-    start steps (and holding at a step)."""
-    arguments = [
-        "-c", "configs/transparent_vae.yaml", "-c", "configs/demo/transparent_vae.yaml",
-        "--model.init_args.base_model", str(tiny_sdxl),
-        "--model.init_args.decoder_block_out_channels", "[8, 8, 16, 16, 16, 16, 16]",
-        "--model.init_args.adversarial_weight", "0",
-        "--data.init_args.train_shards", shards["train"],
-        "--data.init_args.val_shards", shards["val"],
-        "--data.init_args.batch_size", "2",
-        "--data.init_args.resample", "false",
-        "--data.init_args.num_workers", "1",
-        "--trainer.max_steps", str(max_steps),
-        "--trainer.num_sanity_val_steps", "0",
-        "--trainer.log_every_n_steps", "1",
-        "--trainer.enable_model_summary", "false",
-        "--trainer.default_root_dir", str(root),
-        "--trainer.callbacks+=preemption_probe.StepProbe",
-        f"--trainer.callbacks.directory={root / 'probe'}",
-    ]  # fmt: skip
-    if hold_at_step is not None:
-        arguments.append(f"--trainer.callbacks.hold_at_step={hold_at_step}")
-    return arguments
-
-
-def run_environment() -> dict[str, str]:
-    """For train.py in another process: the probe importable, W&B offline, one thread per rank."""
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
-    return {
-        **environment,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), environment.get("PYTHONPATH")])),
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "OMP_NUM_THREADS": "1",
-    }
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float) -> None:

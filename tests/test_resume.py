@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_data_support import truncated_foreground, write_tiny_shards
+from support.shards import truncated_foreground, write_tiny_shards
 
 from data import ShardDataModule
 from data.schema import FOREGROUND
@@ -128,7 +128,7 @@ def run_train_py(root: Path, shards: Path, tiny_sdxl: Path, *extra: str) -> subp
         "--trainer.max_steps=12",
         "--trainer.val_check_interval=6",
         "--trainer.limit_val_batches=1",
-        "--trainer.callbacks+=recorders.BatchKeyRecorder",
+        "--trainer.callbacks+=support.recorders.BatchKeyRecorder",
         f"--trainer.callbacks.path={root / 'batches.jsonl'}",
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
         f"--trainer.callbacks.dirpath={root / 'every-3'}",

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_preemption import run_environment, saved_step, tiny_fit_arguments
-
-from slurm_cluster import ClusterError, SlurmCluster
+from support.runs import run_environment, saved_step, tiny_fit_arguments
+from support.slurm_cluster import ClusterError, SlurmCluster
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "scripts" / "slurm" / "train_cpu.sbatch"

@@ -7,40 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
-from test_data_support import truncated_foreground, write_tiny_shards
+from support.shards import truncated_foreground, write_tiny_shards
+from support.transparency import make_data, make_module, make_trainer
 
 from callbacks import CorruptSampleMonitor
 from data import ShardDataModule
 from data.schema import FOREGROUND
 from layerdiff.export import main as export_main
 from layerdiff.formats.provenance import read_metadata
-from layerdiff.modules import TransparentVAEModule
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_DECODER = {"decoder_block_out_channels": (8, 8, 16, 16, 16, 16, 16), "discriminator_channels": 8}
-
-
-def make_module(base_model: Path, **overrides) -> TransparentVAEModule:
-    arguments = {"base_model": str(base_model), "learning_rate": 1e-3, **TINY_DECODER, **overrides}
-    return TransparentVAEModule(**arguments)
-
-
-def make_trainer(tmp_path: Path, **overrides) -> Trainer:
-    arguments = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": 2,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "limit_val_batches": 0,
-        "inference_mode": False,
-        "default_root_dir": str(tmp_path),
-        **overrides,
-    }
-    return Trainer(**arguments)
 
 
 @pytest.fixture
@@ -48,11 +24,6 @@ def shards(tmp_path) -> dict[str, str]:
     train = write_tiny_shards(tmp_path / "train", 8, sizes=((64, 64),))
     val = write_tiny_shards(tmp_path / "val", 4, sizes=((64, 64),))
     return {"train": ",".join(train), "val": ",".join(val)}
-
-
-def make_data(shards: dict[str, str], batch_size: int = 2, **overrides) -> ShardDataModule:
-    arguments = {"train_shards": shards["train"], "val_shards": shards["val"], "batch_size": batch_size, "num_workers": 0}
-    return ShardDataModule(**{**arguments, **overrides})
 
 
 def parameters_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:

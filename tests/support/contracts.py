@@ -18,13 +18,17 @@ from typing import Any, ClassVar
 import pytest
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
-from test_data_support import write_tiny_shards
 
 from data import ShardDataModule
 from layerdiff.modules.base import FrozenBaseModule
-
-from support.callbacks import GradientRecorder, PoisonBatch, TrainedWeightsAfterBatch, trainable_weights
+from support.callbacks import (
+    GradientRecorder,
+    PoisonBatch,
+    TrainedWeightsAfterBatch,
+    trainable_weights,
+)
 from support.launch import run_train_py
+from support.shards import write_tiny_shards
 from support.trainers import quiet_trainer
 
 TRAIN_SAMPLES = 8  # four batches of two: the resume test stops mid-epoch

@@ -1,7 +1,7 @@
 """A test-only callback that hard-kills a training run in the middle of writing a checkpoint.
 
 ``train.py`` runs in ``tests/test_fsdp.py`` load it from ``tests/`` (on ``PYTHONPATH``) as
-``crash_while_saving.CrashWhileSaving``.
+``support.crash_while_saving.CrashWhileSaving``.
 """
 
 from __future__ import annotations
