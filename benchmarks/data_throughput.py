@@ -103,9 +103,9 @@ def main() -> None:
 
         for layers, members in ((False, ("fg.png",)), (True, ("fg.png", "bg.png", "blend.png"))):
             what = "fg + bg + blend" if layers else "fg only"
-            runs: dict[Any, Callable[[], Timing]] = {"raw": lambda: timed(lambda: raw_decode(shards, members))}
+            runs: dict[Any, Callable[[], Timing]] = {"raw": lambda members=members: timed(lambda: raw_decode(shards, members))}
             for workers in LOADER_WORKERS:
-                runs[workers] = lambda workers=workers: loader_epoch(spec, workers, layers, args.batch_size)
+                runs[workers] = lambda workers=workers, layers=layers: loader_epoch(spec, workers, layers, args.batch_size)
             timings = best_timings(runs, args.repeats)
             raw = timings.pop("raw").rate
             rows.append((f"raw PNG decode, {what} (tar read + PIL decode, 1 process)", f"{raw:.0f} samples/s", "1.00x"))

@@ -31,8 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import machine_description, report
 from layerdiff.models.base import SDXL_UNET_CONFIG
-from layerdiff.models.tiny import make_unet
 from layerdiff.models.lora import RELEASED_LORA_TARGETS
+from layerdiff.models.tiny import make_unet
 from layerdiff.optim import build_optimizer
 
 SECTION_TITLE = "## UNet training step"

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import unicodedata
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -244,7 +244,7 @@ def _font(pixels: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(openmoji_font_path()), size=pixels)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _photo(loader: str) -> Image.Image:
     import skimage.data  # slow to import; only the processes that draw backgrounds pay for it
 

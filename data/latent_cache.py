@@ -48,8 +48,8 @@ from data.schema import (
 from data.shards import ShardWriter, iter_shard_samples
 from data.spec import resolve_shards
 from data.stages import batches_by_size
-from layerdiff.formats.layerdiffuse_vae import load_transparency_models
 from layerdiff.files import write_atomically
+from layerdiff.formats.layerdiffuse_vae import load_transparency_models
 from layerdiff.models import codec
 from layerdiff.models.base import freeze, load_text_encoders, load_vae
 from layerdiff.models.text import encode_prompts

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from data.cached import decode_cached_sample
 from data.schema import (
     CorruptMemberError,
     SampleKind,
@@ -21,7 +22,6 @@ from data.schema import (
     kind_mismatch,
     sample_kind,
 )
-from data.cached import decode_cached_sample
 from data.shards import iter_shard_samples
 
 COVERAGE_BINS = 10

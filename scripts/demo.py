@@ -24,8 +24,8 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
 
-from train import LayerdiffCLI
 from layerdiff.formats.layerdiffuse_vae import save_transparent_vae
+from train import LayerdiffCLI
 
 VAE_RECIPE = ["-c", "configs/transparent_vae.yaml", "-c", "configs/demo/transparent_vae.yaml"]
 DIFFUSION_RECIPE = ["-c", "configs/latent_diffusion.yaml", "-c", "configs/demo/latent_diffusion.yaml"]

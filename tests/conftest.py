@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from layerdiff.models.tiny import build_tiny_sdxl
 from support.shards import write_tiny_shards
 from support.slurm_cluster import (
     SKIP_VARIABLE,
@@ -15,8 +17,6 @@ from support.slurm_cluster import (
     missing_programs,
     start_cluster,
 )
-
-from layerdiff.models.tiny import build_tiny_sdxl
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from support.trainers import quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from layerdiff.modules.base import FrozenBaseModule, TrainedParts
+from support.trainers import quiet_trainer
 
 
 class PlainRegression(LightningModule):

@@ -122,7 +122,7 @@ def test_attached_trainer_is_none_until_a_trainer_attaches():
     module = LightningModule()
     assert compat.attached_trainer(module) is None
     with pytest.raises(RuntimeError):
-        module.trainer  # what attached_trainer avoids
+        _ = module.trainer  # what attached_trainer avoids
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     module.trainer = trainer
     assert compat.attached_trainer(module) is trainer

@@ -27,7 +27,9 @@ STACKS = [
     ("predict", ("latent_diffusion.yaml", "predict.yaml")),
     ("predict", ("latent_diffusion.yaml", "demo/latent_diffusion.yaml", "predict.yaml", "demo/predict.yaml")),
 ]
-RECIPES = sorted(path.name for path in CONFIGS.glob("*.yaml") if "class_path" in yaml.safe_load(path.read_text()).get("model", {}))
+RECIPES = sorted(
+    path.name for path in CONFIGS.glob("*.yaml") if "class_path" in yaml.safe_load(path.read_text()).get("model", {})
+)
 
 
 def stack_id(stack: tuple[str, tuple[str, ...]]) -> str:

@@ -3,9 +3,8 @@ built on the tiny models; a new module adds one class here."""
 
 from __future__ import annotations
 
-from support.contracts import ObjectiveContract, TinyParts
-
 from layerdiff.modules import LatentDiffusionModule, TransparentVAEModule
+from support.contracts import ObjectiveContract, TinyParts
 
 
 class TestTransparentVAEModule(ObjectiveContract):

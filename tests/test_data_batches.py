@@ -10,12 +10,12 @@ import pytest
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.data import extract_batch_size
-from support.shards import tiny_sample, write_tiny_shards
 
 from data import OverSolidColour, ShardDataModule
 from data.batches import collate_cached, collate_images, collate_layers, to_unit_float
 from data.cached import CachedSample
 from layerdiff.batches import CachedBatch, ImageBatch, LayeredBatch
+from support.shards import tiny_sample, write_tiny_shards
 
 
 def _layered(count: int = 3) -> LayeredBatch:

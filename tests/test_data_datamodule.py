@@ -10,7 +10,6 @@ from dataclasses import fields
 import lightning.pytorch as pl
 import pytest
 import torch
-from support.shards import rgb_png, truncated_foreground, write_tiny_shards
 
 from data import ShardDataModule
 from data.schema import FOREGROUND, SchemaError
@@ -18,6 +17,7 @@ from data.spec import ShardSpecError
 from data.stages import ShardsChangedError, TooManyCorruptMembersError
 from data.stream import ShardStream, Tagged
 from layerdiff.batches import ImageBatch, LayeredBatch
+from support.shards import rgb_png, truncated_foreground, write_tiny_shards
 
 BATCH_KEYS = {"rgb", "alpha", "caption", "key", "original_size", "crop_top_left"}
 LAYERED_KEYS = {"layers", "caption", "key", "original_size", "crop_top_left"}
@@ -95,7 +95,10 @@ def test_ranks_partition_the_data(tmp_path):
 
 def test_shuffling_is_reproducible_and_validation_is_ordered(tmp_path):
     write_tiny_shards(tmp_path, 16, per_shard=4)
-    run = lambda seed: _keys(_epoch(ShardDataModule(str(tmp_path), batch_size=4, num_workers=0, seed=seed)))
+
+    def run(seed):
+        return _keys(_epoch(ShardDataModule(str(tmp_path), batch_size=4, num_workers=0, seed=seed)))
+
     assert run(1) == run(1) and run(1) != run(2)
     module = ShardDataModule(str(tmp_path), val_shards=str(tmp_path), batch_size=4, val_batch_size=5, num_workers=0)
     validation = _epoch(module, module.val_dataloader())

@@ -18,12 +18,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from support.shards import tiny_sample
 
 from data import ShardDataModule
 from data.schema import CAPTION, FOREGROUND, MAX_PIXELS, METADATA, encode_sample
 from data.shards import ShardWriter
 from data.validate import validate_shards
+from support.shards import tiny_sample
 
 INTACT, MUTATED = 400, 1000
 SIZES = ((16, 16), (16, 24))

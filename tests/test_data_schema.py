@@ -7,13 +7,6 @@ import tarfile
 
 import numpy as np
 import pytest
-from support.shards import (
-    rgb_png,
-    tiny_rgba,
-    tiny_sample,
-    truncated_foreground,
-    write_tiny_shards,
-)
 
 from data.schema import (
     BACKGROUND,
@@ -29,6 +22,13 @@ from data.schema import (
 )
 from data.shards import INDEX_NAME, ShardWriter, iter_shard_samples
 from data.spec import ShardSpecError, resolve_shards
+from support.shards import (
+    rgb_png,
+    tiny_rgba,
+    tiny_sample,
+    truncated_foreground,
+    write_tiny_shards,
+)
 
 
 def _as_read(members: dict, url: str = "shards/shard-000007.tar") -> dict:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from support.shards import rgb_png, truncated_foreground, write_tiny_shards
-
 from data.__main__ import main
 from data.schema import FOREGROUND, METADATA
 from data.validate import validate_shards
+from support.shards import rgb_png, truncated_foreground, write_tiny_shards
 
 
 def test_statistics_of_clean_shards(tmp_path, capsys):

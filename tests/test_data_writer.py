@@ -9,7 +9,6 @@ import numpy as np
 import png
 import pytest
 from PIL import Image
-from support.shards import tiny_rgba
 
 import data.writer
 from data.__main__ import main
@@ -26,6 +25,7 @@ from data.writer import (
     resize_and_crop,
     write_folder,
 )
+from support.shards import tiny_rgba
 
 
 def _save(path: Path, array: np.ndarray, caption: str | None = None) -> None:

@@ -7,6 +7,13 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from safetensors.torch import load_file
+
+from callbacks import EMA, averaged_weights_of
+from layerdiff.export import main
+from layerdiff.formats.checkpoints import EMA_AVERAGES_KEY, trained_state_dict
+from layerdiff.formats.layerdiffuse_vae import (
+    UNFOLDED_ENCODER_FILENAME as ENCODER_FILENAME,
+)
 from support.shards import write_tiny_shards
 from support.toys import Regression, loader
 from support.transparency import (
@@ -16,13 +23,6 @@ from support.transparency import (
     make_module,
     make_trainer,
     trained_tiny_modules,
-)
-
-from callbacks import EMA, averaged_weights_of
-from layerdiff.export import main
-from layerdiff.formats.checkpoints import EMA_AVERAGES_KEY, trained_state_dict
-from layerdiff.formats.layerdiffuse_vae import (
-    UNFOLDED_ENCODER_FILENAME as ENCODER_FILENAME,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(num_workers|does not have many workers|LightningModule.lr_scheduler):")

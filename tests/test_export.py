@@ -7,12 +7,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.transparency import (
-    TINY,
-    assert_round_trip,
-    fake_lightning_state,
-    trained_tiny_modules,
-)
 
 from layerdiff.export import main
 from layerdiff.formats.layerdiffuse_vae import (
@@ -24,6 +18,12 @@ from layerdiff.formats.layerdiffuse_vae import (
 )
 from layerdiff.formats.provenance import read_metadata
 from layerdiff.models.transparency import LatentTransparencyEncoder, TransparencyDecoder
+from support.transparency import (
+    TINY,
+    assert_round_trip,
+    fake_lightning_state,
+    trained_tiny_modules,
+)
 
 
 @pytest.fixture(scope="module")
@@ -142,12 +142,14 @@ def test_cli_exports_a_lightning_checkpoint(tmp_path, capsys):
     for flavour in FLAVOURS.values():  # both released flavours by default
         assert float(read_metadata(tmp_path / "out" / flavour.encoder_file)["offset_scale"]) == flavour.offset_scale
         assert (tmp_path / "out" / flavour.decoder_file).is_file()
-    assert main(["transparent-vae", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "one"), "--flavour", "layerdiffusion"]) == 0
+    one_flavour = ["--out", str(tmp_path / "one"), "--flavour", "layerdiffusion"]
+    assert main(["transparent-vae", "--checkpoint", str(checkpoint), *one_flavour]) == 0
     assert sorted(path.name for path in (tmp_path / "one").iterdir()) == [DECODER_FILENAME, ENCODER_FILENAME]
     assert_round_trip(tmp_path / "out", encoder, decoder, dtype=torch.float16)
     metadata = read_metadata(tmp_path / "out" / DECODER_FILENAME)
     assert json.loads(metadata["layerdiff_config"])["optimizer"]["betas"] == [0.9, 0.999]
-    assert json.loads(metadata["decoder_config"]) == {**TINY, "block_out_channels": [8, 8, 16, 16, 32, 32, 32], "attention_head_dim": 4}
+    expected = {**TINY, "block_out_channels": [8, 8, 16, 16, 32, 32, 32], "attention_head_dim": 4}
+    assert json.loads(metadata["decoder_config"]) == expected
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

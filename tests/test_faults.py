@@ -14,12 +14,12 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from support.shards import write_tiny_shards
 
 from callbacks import OutputDirectoryCheck, OutputDirectoryError
 from data import ShardDataModule
 from data.schema import FOREGROUND
 from layerdiff.modules.base import FrozenBaseModule, NonFiniteLossError, TrainedParts
+from support.shards import write_tiny_shards
 from train import LayerdiffCLI
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,6 +121,7 @@ def test_a_full_output_directory_is_reported_before_training(shards, tmp_path):
     assert module.weights_after == []
 
 
+@pytest.mark.slow
 def test_two_ranks_with_two_workers_each_count_every_corrupt_member_once(tiny_sdxl, tmp_path):
     """DDP on two CPU processes: 8 shards, one corrupt member in each, 2 shards per (rank, worker);
     the logged count is the sum over ranks and workers, and throughput and memory are logged."""

@@ -48,8 +48,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from support.shards import write_tiny_shards
-from support.unets import unet_output
 
 from layerdiff.distributed import (
     SHARDED_ENTRIES,
@@ -64,9 +62,14 @@ from layerdiff.formats.layerdiffuse_vae import (
 )
 from layerdiff.formats.lora import DIFFUSERS_LORA_FILENAME, read_lora
 from layerdiff.formats.provenance import read_metadata
+from support.shards import write_tiny_shards
+from support.unets import unet_output
 from train import main as train_main
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*(num_workers|does not have many workers|LeafSpec|args parameter):")
+pytestmark = [
+    pytest.mark.slow,  # two-rank train.py runs: minutes on two cores
+    pytest.mark.filterwarnings("ignore:.*(num_workers|does not have many workers|LeafSpec|args parameter):"),
+]
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -372,7 +375,7 @@ def test_the_sharded_vae_run_shards_its_trained_parts_and_logs_like_one_process(
             assert first_step[0] == first_step[1], f"{name} at the first step: {first_step}"
         torch.testing.assert_close(
             torch.tensor([value for _, value in sharded[name]]), torch.tensor([value for _, value in rows]),
-            rtol=RELATIVE_TOLERANCE, atol=0, msg=lambda message: f"{name}: {message}",
+            rtol=RELATIVE_TOLERANCE, atol=0, msg=lambda message, name=name: f"{name}: {message}",
         )  # fmt: skip
 
 

@@ -18,7 +18,6 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from support.shards import write_tiny_shards
 
 from callbacks import RGBAPredictionWriter, TransparentSamples
 from data import PromptDataModule, ShardDataModule
@@ -30,6 +29,7 @@ from layerdiff.pipelines import (
     GenerationSettings,
     IncompatibleLoraError,
 )
+from support.shards import write_tiny_shards
 from train import LayerdiffCLI
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support.shards import tiny_sample, truncated_foreground, write_tiny_shards
 
 from data import ShardDataModule
 from data.__main__ import main
@@ -38,6 +37,7 @@ from data.validate import validate_shards
 from layerdiff.batches import CachedBatch, ImageBatch
 from layerdiff.models import codec
 from layerdiff.models.text import encode_prompts
+from support.shards import tiny_sample, truncated_foreground, write_tiny_shards
 
 SIZES = ((64, 64), (64, 128))  # two sizes, so batches are bucketed
 SAMPLES = 6

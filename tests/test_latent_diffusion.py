@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from support.shards import write_tiny_shards
 
 from data import ShardDataModule
 from layerdiff import diffusion
 from layerdiff.batches import ImageBatch
 from layerdiff.modules import LatentDiffusionModule
 from layerdiff.resume import rank_seed
+from support.shards import write_tiny_shards
 
 REPO = Path(__file__).resolve().parents[1]
 

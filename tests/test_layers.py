@@ -18,6 +18,8 @@ under ``layerdiff/`` knows a ``configs/`` path, and no source file is over 400 l
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,9 @@ def test_the_checker_sees_an_upward_import(tmp_path: Path) -> None:
     source.write_text("def f():\n    from layerdiff import modules\n    import callbacks.ema\n")
     modules = {"layerdiff", "layerdiff.modules", "callbacks", "callbacks.ema"}
     assert project_imports(source, modules) == [("layerdiff.modules", 2), ("callbacks.ema", 3)]
+
+
+def test_ruff_finds_nothing() -> None:
+    # The lint rules live in pyproject.toml ([tool.ruff]); the suite keeps the tree clean of them.
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -20,8 +20,6 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from lightning.pytorch import Trainer
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from support.shards import write_tiny_shards
-from support.unets import unet_output
 
 from callbacks import EMA
 from data import ShardDataModule
@@ -43,6 +41,8 @@ from layerdiff.models.base import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, load_unet
 from layerdiff.models.lora import DEFAULT_ADAPTER as LORA_ADAPTER
 from layerdiff.models.lora import RELEASED_LORA_TARGETS
 from layerdiff.modules import LatentDiffusionModule
+from support.shards import write_tiny_shards
+from support.unets import unet_output
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(num_workers|does not have many workers|LeafSpec):")
 

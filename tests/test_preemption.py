@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from support.runs import run_environment, saved_step, tiny_fit_arguments
-from support.toys import Regression, loader
 
 from callbacks import Preemption
 from callbacks.preemption import slurm_job_id
+from support.runs import run_environment, saved_step, tiny_fit_arguments
+from support.toys import Regression, loader
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -166,6 +166,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_sigterm_to_rank_0_of_a_two_rank_train_py_saves_once_and_exits_143(tiny_sdxl, tiny_vae_shards, tmp_path):
     """Lightning launches rank 1 as a child of rank 0; only rank 0 gets the SIGTERM (a local
     ``kill``), so rank 1 learns of it from the all-reduce and both stop at the same step.

@@ -12,15 +12,16 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from support.shards import truncated_foreground, write_tiny_shards
 
 from data import ShardDataModule
 from data.schema import FOREGROUND
 from layerdiff.checkpointing import AtomicCheckpointIO
 from layerdiff.modules.base import FrozenBaseModule, TrainedParts
+from support.shards import truncated_foreground, write_tiny_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,6 +161,7 @@ def trained_weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
 
 
+@pytest.mark.slow
 def test_train_py_killed_mid_epoch_and_resumed_ends_as_if_never_stopped(tiny_sdxl, tmp_path):
     shards = tmp_path / "shards"
     write_tiny_shards(shards / "train", 36, per_shard=6, sizes=((64, 64),))

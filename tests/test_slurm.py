@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from support.runs import run_environment, saved_step, tiny_fit_arguments
 from support.slurm_cluster import ClusterError, SlurmCluster
 

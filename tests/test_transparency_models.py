@@ -156,7 +156,7 @@ def test_augmentation_is_the_median_of_the_eight_inverted_variants(height, width
         variants = []
         for flip in (False, True):
             for turns in range(4):
-                def augment(image: torch.Tensor) -> torch.Tensor:
+                def augment(image: torch.Tensor, flip: bool = flip, turns: int = turns) -> torch.Tensor:
                     return (image.flip(3) if flip else image).rot90(turns, dims=(2, 3))
 
                 output = decoder(augment(pixel), augment(latent)).clamp(0, 1).rot90(-turns, dims=(2, 3))

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.shards import truncated_foreground, write_tiny_shards
-from support.transparency import make_data, make_module, make_trainer
 
 from callbacks import CorruptSampleMonitor
 from data import ShardDataModule
 from data.schema import FOREGROUND
 from layerdiff.export import main as export_main
 from layerdiff.formats.provenance import read_metadata
+from support.shards import truncated_foreground, write_tiny_shards
+from support.transparency import make_data, make_module, make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,8 @@ def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> bool:
 
 def test_a_step_trains_encoder_decoder_and_discriminator_but_never_the_frozen_vae(tiny_sdxl, shards, tmp_path):
     module = make_module(tiny_sdxl, discriminator_start_step=0)
-    snapshots = {name: parameters_of(getattr(module, name)) for name in ("vae", "transparent_encoder", "transparent_decoder", "discriminator")}
+    parts = ("vae", "transparent_encoder", "transparent_decoder", "discriminator")
+    snapshots = {name: parameters_of(getattr(module, name)) for name in parts}
     trainer = make_trainer(tmp_path)
     trainer.fit(module, datamodule=make_data(shards))
     assert trainer.global_step == 2, "a training step is one batch, whatever the discriminator does"

@@ -12,9 +12,10 @@ found raises ``BaseModelNotFoundError`` saying how to fix it.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 import transformers

@@ -187,7 +187,7 @@ def load_photos(names: Sequence[str]) -> list[torch.Tensor]:
         try:
             photos.append(load_photo(name))
         except (ImportError, OSError, ValueError) as error:  # e.g. needs pooch to download
-            warnings.warn(f"skimage.data.{name} is not available offline ({error}); the VAE fit skips it")
+            warnings.warn(f"skimage.data.{name} is not available offline ({error}); the VAE fit skips it", stacklevel=2)
     if not photos:
         raise RuntimeError(f"none of the scikit-image photos {list(names)} could be loaded")
     return photos

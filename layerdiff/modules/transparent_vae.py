@@ -13,9 +13,9 @@ from layerdiff import losses
 from layerdiff.batches import ImageBatch
 from layerdiff.distributed import is_deferred, trained_part
 from layerdiff.metrics import MaskedPSNR
+from layerdiff.models import codec
 from layerdiff.models.base import freeze, load_vae
 from layerdiff.models.discriminator import PatchDiscriminator
-from layerdiff.models import codec
 from layerdiff.models.transparency import LatentTransparencyEncoder, TransparencyDecoder
 from layerdiff.modules.base import FrozenBaseModule, TrainedParts
 from layerdiff.optim import OptimizerName, build_optimizer

@@ -34,7 +34,6 @@ from torch import nn
 
 from layerdiff.formats.lora import lora_file
 from layerdiff.models import codec
-from layerdiff.pipelines.community_lora import CommunityLora, IncompatibleLoraError, check_lora_fits
 from layerdiff.models.base import (
     SCHEDULER_CONFIG_FILE,
     Architecture,
@@ -42,6 +41,7 @@ from layerdiff.models.base import (
     detect_architecture,
     load_component,
 )
+from layerdiff.pipelines.community_lora import CommunityLora, IncompatibleLoraError, check_lora_fits
 
 SchedulerName = Literal["euler", "euler_a", "dpm++", "dpm++_karras", "ddim"]
 # Each sampler is its diffusers class plus the settings that make it that sampler; everything
