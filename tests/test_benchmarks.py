@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks.common import write_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,3 +40,13 @@ def test_the_unet_step_benchmark_runs_on_a_tiny_unet():
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| lora") or line.startswith("| full")]
     assert len(rows) == 4 and all(line.rstrip().endswith("% |") for line in rows)  # printed, then in the section
+
+
+@pytest.mark.slow
+def test_the_framework_overhead_benchmark_runs_both_sides_on_both_paths():
+    command = [sys.executable, "-m", "benchmarks.framework_overhead", "--rounds", "1", "--steps", "4", "--warmup", "1",
+               "--no-write"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| image shards", "| cached latents"))]
+    assert len(rows) == 2 and all("x (" in line for line in rows)
