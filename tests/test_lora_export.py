@@ -287,3 +287,17 @@ def test_cli_exports_a_full_fine_tune_as_a_unet_folder(tiny_sdxl, tiny_transpare
 
     with pytest.raises(ValueError, match="layerdiff.export unet"):
         main(["lora", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "lora")])
+
+
+@pytest.mark.parametrize("filename", [DIFFUSERS_LORA_FILENAME, FORGE_LORA_FILENAMES["sdxl"]])
+def test_a_latent_diffusion_module_starts_its_adapter_from_a_lora_file(
+    tiny_sdxl, tiny_transparent_vae, trained_unet, exported, filename
+):
+    from layerdiff.modules import LatentDiffusionModule
+
+    arguments = {"transparent_vae": str(tiny_transparent_vae), "base_model": str(tiny_sdxl)}
+    module = LatentDiffusionModule(**arguments, lora_rank=RANK, lora_alpha=RANK, init_lora=str(exported / filename))
+    # its own alpha (= rank) differs from the file's: the factors carry the file's scale over
+    torch.testing.assert_close(unet_output(module.unet), unet_output(trained_unet), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="init_lora starts a LoRA adapter"):
+        LatentDiffusionModule(**arguments, lora_rank=None, init_lora=str(exported / filename))

@@ -11,6 +11,7 @@ import torch
 from layerdiff import diffusion
 from layerdiff.batches import CachedBatch, ImageBatch
 from layerdiff.formats.layerdiffuse_vae import load_transparency_models
+from layerdiff.formats.lora import load_lora_into_unet
 from layerdiff.models import codec
 from layerdiff.models.base import (
     detect_architecture,
@@ -46,6 +47,9 @@ class LatentDiffusionModule(FrozenBaseModule):
             UNet instead. The released model: rank 256 on the attention projections.
         lora_alpha: LoRA scale numerator (scale = alpha / rank); defaults to the rank.
         lora_targets: module-name suffixes the LoRA adapts.
+        init_lora: a LoRA file (diffusers/peft, Forge/ComfyUI ``::lora::`` or kohya layout,
+            e.g. the released ``layer_xl_transparent_attn.safetensors``) to start the adapter
+            from; its modules and rank must be the adapter's.
         prediction_type: ``epsilon`` or ``v_prediction``; ``None`` keeps the base model's.
         min_snr_gamma: Min-SNR-gamma loss weighting (5 is the paper's value); ``None`` = off.
         noise_offset: scale of per-channel offset noise added to the noise (0 = off).
@@ -80,6 +84,7 @@ class LatentDiffusionModule(FrozenBaseModule):
         lora_rank: int | None = 256,
         lora_alpha: float | None = None,
         lora_targets: tuple[str, ...] = RELEASED_LORA_TARGETS,
+        init_lora: str | None = None,
         prediction_type: Literal["epsilon", "v_prediction"] | None = None,
         min_snr_gamma: float | None = None,
         noise_offset: float = 0.0,
@@ -99,6 +104,8 @@ class LatentDiffusionModule(FrozenBaseModule):
         super().__init__(max_non_finite_steps=max_non_finite_steps, seed=seed)
         if lora_rank is not None and lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, or null for a full fine-tune; got {lora_rank}")
+        if init_lora is not None and lora_rank is None:
+            raise ValueError("init_lora starts a LoRA adapter: set lora_rank to the file's rank (null fine-tunes the whole UNet)")
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout is a probability in [0, 1]; got {caption_dropout}")
         self.save_hyperparameters()
@@ -117,6 +124,8 @@ class LatentDiffusionModule(FrozenBaseModule):
         self.unet = load_unet(base_model, revision=base_revision).train()
         if lora_rank is not None:
             add_lora(self.unet, DEFAULT_ADAPTER, lora_rank, lora_alpha, lora_targets)
+            if init_lora is not None:
+                load_lora_into_unet(self.unet, init_lora, DEFAULT_ADAPTER)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
 
