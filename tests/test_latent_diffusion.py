@@ -15,6 +15,7 @@ from layerdiff.batches import ImageBatch
 from layerdiff.modules import LatentDiffusionModule
 from layerdiff.resume import rank_seed
 from support.shards import write_tiny_shards
+from support.trainers import quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,20 +54,7 @@ def shards(tmp_path) -> dict[str, str]:
 
 
 def make_trainer(tmp_path: Path, **overrides) -> Trainer:
-    arguments = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": 2,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "limit_val_batches": 1,
-        "num_sanity_val_steps": 0,
-        "default_root_dir": tmp_path,
-        **overrides,
-    }
-    return Trainer(**arguments)
+    return quiet_trainer(tmp_path, **{"limit_val_batches": 1, **overrides})
 
 
 def test_lora_trains_only_the_adapter_on_the_released_targets(tiny_sdxl, tiny_transparent_vae):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.contracts import assert_identical
 from support.runs import run_environment, saved_step, tiny_fit_arguments
 from support.slurm_cluster import ClusterError, SlurmCluster
 
@@ -109,21 +110,6 @@ def test_a_job_preempted_with_usr1_checkpoints_requeues_resumes_and_ends_like_th
     actual = load(root / "checkpoints" / "last.ckpt")
     assert_identical(actual["state_dict"], expected["state_dict"], "final weights")
 
-
-def assert_identical(actual, expected, where: str) -> None:
-    """Nested dicts/lists/tuples of tensors and plain values are equal, tensors bit for bit."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor) and torch.equal(actual, expected), where
-    elif isinstance(expected, dict):
-        assert actual.keys() == expected.keys(), where
-        for key in expected:
-            assert_identical(actual[key], expected[key], f"{where}.{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), where
-        for index, (left, right) in enumerate(zip(actual, expected)):
-            assert_identical(left, right, f"{where}[{index}]")
-    else:
-        assert actual == expected, where
 
 
 def test_a_job_cancelled_with_sigterm_saves_its_step_and_exits_143(

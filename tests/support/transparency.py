@@ -12,6 +12,7 @@ from data import ShardDataModule
 from layerdiff.formats.layerdiffuse_vae import load_transparent_vae
 from layerdiff.models.transparency import LatentTransparencyEncoder, TransparencyDecoder
 from layerdiff.modules import TransparentVAEModule
+from support.trainers import quiet_trainer
 
 TINY = {"block_out_channels": (8, 8, 16, 16, 32, 32, 32), "layers_per_block": 1, "attention_head_dim": 8, "norm_num_groups": 4}
 TINY_DECODER = {"decoder_block_out_channels": (8, 8, 16, 16, 16, 16, 16), "discriminator_channels": 8}
@@ -47,20 +48,8 @@ def make_module(base_model: Path, **overrides) -> TransparentVAEModule:
 
 
 def make_trainer(tmp_path: Path, **overrides) -> Trainer:
-    arguments = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": 2,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "limit_val_batches": 0,
-        "inference_mode": False,
-        "default_root_dir": str(tmp_path),
-        **overrides,
-    }
-    return Trainer(**arguments)
+    """The quiet trainer with gradients in validation (the adaptive GAN weight needs them)."""
+    return quiet_trainer(tmp_path, **{"inference_mode": False, **overrides})
 
 
 def make_data(shards: dict[str, str], batch_size: int = 2, **overrides) -> ShardDataModule:
