@@ -29,16 +29,17 @@ HEIGHT, WIDTH = 24, 40
 STEP = 1.0 / 255.0
 
 
-def sample(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A uint8 RGBA foreground with every alpha from 0 to 255 (fully transparent and opaque
-    pixels included), and float RGB background and blend."""
+def sample(seed: int = 0, height: int = HEIGHT, width: int = WIDTH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A uint8 RGBA foreground with every alpha from 0 to 255 (rows of fully transparent and
+    opaque pixels included), and float RGB background and blend."""
     rng = np.random.default_rng(seed)
-    foreground = rng.integers(0, 256, (HEIGHT, WIDTH, 4), dtype=np.uint8)
+    foreground = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
     foreground[0, :, 3] = 0
     foreground[1, :, 3] = 255
-    foreground[2:4, :, 3].flat[:256] = np.arange(256)
-    background = rng.random((HEIGHT, WIDTH, 3), dtype=np.float32)
-    blend = rng.random((HEIGHT, WIDTH, 3), dtype=np.float32)
+    foreground[..., 3].flat[2 * width : 2 * width + 256] = np.arange(256)
+    assert set(np.unique(foreground[..., 3])) == set(range(256))
+    background = rng.random((height, width, 3), dtype=np.float32)
+    blend = rng.random((height, width, 3), dtype=np.float32)
     return foreground, background, blend
 
 
@@ -88,16 +89,37 @@ def test_psd_round_trip_layers_visibility_and_composite(tmp_path: Path) -> None:
     assert np.abs(stored - blend).mean() > 0.1
 
 
+def test_psd_merged_image_and_layer_list_read_by_pillow(tmp_path: Path) -> None:
+    """Pillow is a second, unrelated PSD reader. Its layer pixels are not compared: it takes a
+    layer's channel data in R, G, B, A order whatever the channel ids say, while psd-tools (like
+    Photoshop) writes the transparency channel first."""
+    foreground, background, blend = sample()
+    write_psd(tmp_path / "sample.psd", foreground_background_stack(foreground, background, blend))
+    with Image.open(tmp_path / "sample.psd") as image:
+        assert image.format == "PSD" and image.mode == "RGB" and image.size == (WIDTH, HEIGHT)
+        merged = np.asarray(image, np.float64) / 255.0
+        bottom_first = [(name, mode, bbox) for name, mode, bbox, _ in image.layers]
+    np.testing.assert_allclose(merged, over_opaque(foreground, quantised(background)), atol=STEP + 1e-6)
+    whole = (0, 0, WIDTH, HEIGHT)
+    assert bottom_first == [("background", "RGBA", whole), ("foreground", "RGBA", whole), ("blend (generated)", "RGBA", whole)]
+
+
 def test_psd_of_transparent_layers_flattens_over_white(tmp_path: Path) -> None:
-    foreground, _, _ = sample(1)
-    second = sample(2)[0]
-    write_psd(tmp_path / "two.psd", [Layer("top", foreground), Layer("bottom", second)])
+    # Odd sides: PSD rows are not padded, RLE rows are counted one by one.
+    height, width = 23, 41
+    top, bottom = sample(1, height, width)[0], sample(2, height, width)[0]
+    write_psd(tmp_path / "two.psd", [Layer("top", top), Layer("bottom", bottom)])
 
     document = PSDImage.open(tmp_path / "two.psd")
-    assert [layer.name for layer in psd_layers_top_first(document)] == ["top", "bottom"]
+    layers = psd_layers_top_first(document)
+    assert [layer.name for layer in layers] == ["top", "bottom"]
+    np.testing.assert_array_equal(np.rint(layers[0].numpy() * 255).astype(np.uint8), top)
+    np.testing.assert_array_equal(np.rint(layers[1].numpy() * 255).astype(np.uint8), bottom)
     stored = np.asarray(document.composite(), np.float64) / 255.0
-    bottom_on_white = over_opaque(second, np.ones((HEIGHT, WIDTH, 3), np.float32))
-    np.testing.assert_allclose(stored, over_opaque(foreground, quantised(bottom_on_white)), atol=1.5 * STEP)
+    # Photoshop's convention for the merged image: the composite over white.
+    bottom_on_white = over_opaque(bottom, np.ones((height, width, 3), np.float32))
+    np.testing.assert_allclose(stored, over_opaque(top, bottom_on_white), atol=STEP / 2 + 1e-6)
+    assert stored[0].min() == 1.0  # where every layer is transparent
 
 
 def test_psd_keeps_unicode_layer_names(tmp_path: Path) -> None:
