@@ -213,6 +213,8 @@ def bad_stacks() -> dict[str, tuple[list, type[Exception], str]]:
         "tensor": ([Layer("fg", torch.zeros(HEIGHT, WIDTH, 4))], TypeError, "'fg'.*numpy array"),
         "not a layer": ([("fg", rgba)], TypeError, "layer 0 is a tuple"),
         "empty name": ([Layer("", rgba)], ValueError, "non-empty printable"),
+        "control character": ([Layer("fore\nground", rgba)], ValueError, "non-empty printable"),
+        "long name": ([Layer("x" * 256, rgba)], ValueError, "256 characters long; the limit is 255"),
     }
 
 
@@ -223,6 +225,12 @@ def test_bad_stacks_raise_clear_errors_and_write_nothing(tmp_path: Path, suffix:
     with pytest.raises(error, match=message):
         write_layered(tmp_path / f"bad{suffix}", layers)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_joint_stack_needs_a_transparent_foreground() -> None:
+    _, background, _ = sample()
+    with pytest.raises(ValueError, match=r"foreground must be H x W x 4 RGBA.*\(24, 40, 3\)"):
+        foreground_background_stack(background, background)
 
 
 def test_psd_refuses_psb_sizes(tmp_path: Path) -> None:

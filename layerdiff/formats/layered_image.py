@@ -64,6 +64,8 @@ def foreground_background_stack(
 ) -> list[Layer]:
     """The joint-generation stack, top first: hidden ``blend`` reference, ``foreground`` (RGBA)
     and ``background`` (RGB), so the file shows the foreground over the background."""
+    if getattr(foreground, "ndim", None) == 3 and foreground.shape[2] != 4:
+        raise ValueError(f"the foreground must be H x W x 4 RGBA (an opaque one hides the background), got {foreground.shape}")
     stack = [Layer("foreground", foreground), Layer("background", background)]
     if blend is not None:
         stack.insert(0, Layer("blend (generated)", blend, visible=False))
