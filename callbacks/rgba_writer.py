@@ -24,9 +24,14 @@ _SLUG_LENGTH = 48
 
 def image_stem(image: GeneratedImage) -> str:
     """``<index>_seed<seed>_<prompt slug>``: sorts in run order, says what it shows."""
-    ascii_prompt = unicodedata.normalize("NFKD", image.prompt).encode("ascii", "ignore").decode().lower()
+    return file_stem(image.index, image.seed, image.prompt)
+
+
+def file_stem(index: int, seed: int, prompt: str) -> str:
+    """``<index>_seed<seed>_<prompt slug>`` of any generated item."""
+    ascii_prompt = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode().lower()
     slug = re.sub(r"[^a-z0-9]+", "-", ascii_prompt).strip("-")[:_SLUG_LENGTH].rstrip("-")
-    return f"{image.index:05d}_seed{image.seed}_{slug or 'empty'}"
+    return f"{index:05d}_seed{seed}_{slug or 'empty'}"
 
 
 def png_metadata(parameters: dict[str, Any]) -> PngInfo:

@@ -1,4 +1,5 @@
-"""Watch a text-to-RGBA model learn: fixed prompts and seeds sampled during training."""
+"""Watch a generative model learn: fixed prompts and seeds sampled during training, as transparent
+images (``TransparentSamples``) or layer sets (``LayerSamples``)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
 
 from callbacks.ema import averaged_weights_of
-from layerdiff.pipelines import GeneratedImage, GenerationSettings
-from layerdiff.rgba import image_grid, preview_on_checkerboard, to_uint8_hwc
+from layerdiff.pipelines import GeneratedImage, GeneratedLayers, GenerationSettings, LayerPromptBatch
+from layerdiff.rgba import image_grid, preview_layers, preview_on_checkerboard, to_uint8_hwc
 
 
 class TransparentSamples(Callback):
@@ -41,16 +42,19 @@ class TransparentSamples(Callback):
         directory: where to write; defaults to ``<trainer.default_root_dir>/samples``.
     """
 
+    generator_method = "image_generator"  # what the module must have, and the model that has it
+    generating_module = "LatentDiffusionModule"
+
     def __init__(
         self,
-        prompts: list[str],
+        prompts: list[str] | list[dict[str, str]],
         seeds: list[int] | None = None,
         every_n_steps: int | None = None,
         settings: GenerationSettings = GenerationSettings(),
         directory: str | None = None,
     ) -> None:
         if not prompts:
-            raise ValueError("TransparentSamples needs at least one prompt.")
+            raise ValueError(f"{type(self).__name__} needs at least one prompt.")
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1; got {every_n_steps}")
         self.prompts = list(prompts)
@@ -61,10 +65,10 @@ class TransparentSamples(Callback):
         self._last_sampled_step: int | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if not callable(getattr(pl_module, "image_generator", None)):
+        if not callable(getattr(pl_module, self.generator_method, None)):
             raise TypeError(
-                f"TransparentSamples needs a module that generates images (an image_generator() method, "
-                f"as LatentDiffusionModule has); {type(pl_module).__name__} has none. Remove the callback "
+                f"{type(self).__name__} needs a module with a {self.generator_method}() method, as "
+                f"{self.generating_module} has; {type(pl_module).__name__} has none. Remove the callback "
                 "from trainer.callbacks for this recipe."
             )
 
@@ -88,7 +92,7 @@ class TransparentSamples(Callback):
         images = self.generate(trainer, pl_module)
         if not trainer.is_global_zero:
             return
-        grid = sample_grid(images, len(self.prompts))
+        grid = self.grid(images)
         directory = Path(self.directory or Path(trainer.default_root_dir) / "samples")
         directory.mkdir(parents=True, exist_ok=True)
         Image.fromarray(to_uint8_hwc(grid)).save(directory / f"step_{step:06d}.png")
@@ -98,12 +102,34 @@ class TransparentSamples(Callback):
                     key="samples", images=[to_uint8_hwc(grid)], caption=[" | ".join(self.prompts)], step=step
                 )
 
+    def grid(self, images: list[GeneratedImage]) -> torch.Tensor:
+        return sample_grid(images, len(self.prompts))
+
     def generate(self, trainer: Trainer, pl_module: LightningModule) -> list[GeneratedImage]:
         """Seed-major: all prompts at the first seed, then all at the next, ..."""
         prompts = [prompt for _ in self.seeds for prompt in self.prompts]
         seeds = [seed for seed in self.seeds for _ in self.prompts]
         with averaged_weights_of(trainer), evaluation_mode(pl_module), trainer.precision_plugin.forward_context():
             return pl_module.image_generator()(prompts, seeds, self.settings)
+
+
+class LayerSamples(TransparentSamples):
+    """``TransparentSamples`` for joint-layer models (``JointLayerLoRAModule``): ``prompts`` are
+    layer prompts (a prompt per layer name), and each grid row is one layer set, each layer
+    (transparent ones on a checkerboard), then the layers composited top over bottom."""
+
+    generator_method = "layer_generator"
+    generating_module = "JointLayerLoRAModule"
+
+    def grid(self, images: list[GeneratedLayers]) -> torch.Tensor:
+        return image_grid([preview_layers(list(image.layers.values())) for image in images])
+
+    def generate(self, trainer: Trainer, pl_module: LightningModule) -> list[GeneratedLayers]:
+        prompts = [dict(prompt) for _ in self.seeds for prompt in self.prompts]
+        seeds = [seed for seed in self.seeds for _ in self.prompts]
+        batch = LayerPromptBatch(list(range(len(prompts))), prompts, seeds, self.settings)
+        with averaged_weights_of(trainer), evaluation_mode(pl_module), trainer.precision_plugin.forward_context():
+            return pl_module.layer_generator()(batch)
 
 
 @contextlib.contextmanager

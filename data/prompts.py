@@ -1,9 +1,9 @@
 """Prompts for ``train.py predict``: the images to generate, as a DataModule.
 
-Each image is one ``PromptRequest`` (its place in the run, prompt and seed); batches carry
-the shared ``GenerationSettings`` along. In ``predict``, Lightning gives every device its own
-share of the requests (a distributed sampler that repeats none), so a run's images are made
-once each however many devices there are.
+Each image is one ``PromptRequest`` (its place in the run, prompt and seed; for a joint-layer
+model a prompt per layer); batches carry the shared ``GenerationSettings`` along. In
+``predict``, Lightning gives every device its own share of the requests (a distributed sampler
+that repeats none), so a run's images are made once each however many devices there are.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from layerdiff.pipelines import GenerationSettings, PromptBatch
+from layerdiff.pipelines import GenerationSettings, LayerPromptBatch, PromptBatch
 
 
 @dataclass
@@ -22,17 +22,26 @@ class PromptRequest:
     """One image to generate: ``index`` is its position in the run (file names follow it)."""
 
     index: int
-    prompt: str
+    prompt: str | dict[str, str]
     seed: int
 
 
 class CollatePrompts:
     """DataLoader ``collate_fn``: requests -> ``PromptBatch`` (a class, so workers can pickle it)."""
 
-    def __init__(self, settings: GenerationSettings) -> None:
+    def __init__(self, settings: GenerationSettings, layer_guidance: dict[str, float] | None = None) -> None:
         self.settings = settings
+        self.layer_guidance = layer_guidance
 
-    def __call__(self, requests: list[PromptRequest]) -> PromptBatch:
+    def __call__(self, requests: list[PromptRequest]) -> PromptBatch | LayerPromptBatch:
+        if isinstance(requests[0].prompt, dict):
+            return LayerPromptBatch(
+                indices=[request.index for request in requests],
+                prompts=[dict(request.prompt) for request in requests],
+                seeds=[request.seed for request in requests],
+                settings=self.settings,
+                guidance=dict(self.layer_guidance or {}),
+            )
         return PromptBatch(
             indices=[request.index for request in requests],
             prompts=[request.prompt for request in requests],
@@ -62,6 +71,10 @@ class PromptDataModule(LightningDataModule):
     Args:
         prompts: prompts to generate.
         prompt_file: a text file with one prompt per line, used after ``prompts``.
+        layer_prompts: for a joint-layer model instead: per layer set a prompt per layer name,
+            e.g. ``{foreground: a cat, background: nothing in a garden, blend: a cat in a garden}``
+            (a layer left out gets the empty prompt).
+        layer_guidance: guidance scale per layer name, overriding ``settings.guidance_scale``.
         seeds: the seeds every prompt is generated with.
         seed: first seed when ``seeds`` is not given.
         images_per_prompt: images per prompt when ``seeds`` is not given.
@@ -73,6 +86,8 @@ class PromptDataModule(LightningDataModule):
         self,
         prompts: list[str] | None = None,
         prompt_file: str | None = None,
+        layer_prompts: list[dict[str, str]] | None = None,
+        layer_guidance: dict[str, float] | None = None,
         seeds: list[int] | None = None,
         seed: int = 0,
         images_per_prompt: int = 1,
@@ -87,13 +102,16 @@ class PromptDataModule(LightningDataModule):
             )
         if images_per_prompt < 1 or batch_size < 1:
             raise ValueError(f"images_per_prompt and batch_size must be >= 1; got {images_per_prompt}, {batch_size}")
-        all_prompts = list(prompts or []) + (read_prompt_file(prompt_file) if prompt_file else [])
+        if layer_prompts and (prompts or prompt_file):
+            raise ValueError("Give either layer_prompts (a joint-layer model) or prompts/prompt_file, not both.")
+        all_prompts = list(layer_prompts or []) or list(prompts or []) + (read_prompt_file(prompt_file) if prompt_file else [])
         if not all_prompts:
             raise ValueError(
                 "No prompts to generate: set data.init_args.prompts (e.g. '[a glass cup, a cat]') or "
                 "data.init_args.prompt_file (a text file, one prompt per line; this one has none)."
             )
         self.settings = settings
+        self.layer_guidance = layer_guidance
         self.batch_size = batch_size
         self.requests: list[PromptRequest] = []
         for prompt_number, prompt in enumerate(all_prompts):
@@ -102,6 +120,5 @@ class PromptDataModule(LightningDataModule):
                 self.requests.append(PromptRequest(len(self.requests), prompt, prompt_seed))
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.requests, batch_size=self.batch_size, shuffle=False, collate_fn=CollatePrompts(self.settings)
-        )
+        collate = CollatePrompts(self.settings, self.layer_guidance)
+        return DataLoader(self.requests, batch_size=self.batch_size, shuffle=False, collate_fn=collate)

@@ -134,6 +134,18 @@ def preview_on_checkerboard(rgb: torch.Tensor, alpha: torch.Tensor, cell: int = 
     return composite(rgb, alpha, board)
 
 
+def preview_layers(layers: list[torch.Tensor]) -> torch.Tensor:
+    """A layer set (top first; ``4 x H x W`` RGBA or ``3 x H x W`` RGB each) as one row to look
+    at: each layer (RGBA on a checkerboard), then all of them composited, top over bottom,
+    ``[L + 1, 3, H, W]``."""
+    tiles, stack = [], None
+    for layer in reversed(layers):  # bottom first, so each layer goes over what is below it
+        rgb, alpha = layer[:3], layer[3:] if layer.shape[0] == 4 else torch.ones_like(layer[:1])
+        tiles.append(preview_on_checkerboard(rgb[None], alpha[None])[0])
+        stack = preview_on_checkerboard(rgb[None], alpha[None])[0] if stack is None else composite(rgb, alpha, stack)
+    return torch.stack(tiles[::-1] + [stack])
+
+
 def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
     """``C x H x W`` float [0, 1] tensor to an ``H x W x C`` uint8 array for saving."""
     array = image.detach().float().clamp(0, 1).mul(255).round().byte().cpu()

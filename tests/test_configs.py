@@ -24,6 +24,11 @@ STACKS = [
     ("fit", ("transparent_vae.yaml", "cluster/slurm.yaml")),
     ("fit", ("latent_diffusion.yaml", "cluster/slurm.yaml")),
     ("fit", ("latent_diffusion.yaml", "strategy/fsdp.yaml", "cluster/slurm.yaml")),
+    ("fit", ("joint_lora.yaml",)),
+    ("fit", ("joint_lora.yaml", "demo/joint_lora.yaml")),
+    ("fit", ("joint_lora.yaml", "strategy/fsdp.yaml")),
+    ("fit", ("joint_sd15.yaml",)),
+    ("predict", ("joint_lora.yaml", "demo/joint_lora.yaml", "predict_layers.yaml", "demo/predict_layers.yaml")),
     ("predict", ("latent_diffusion.yaml", "predict.yaml")),
     ("predict", ("latent_diffusion.yaml", "demo/latent_diffusion.yaml", "predict.yaml", "demo/predict.yaml")),
 ]

@@ -3,7 +3,7 @@ built on the tiny models; a new module adds one class here."""
 
 from __future__ import annotations
 
-from layerdiff.modules import LatentDiffusionModule, TransparentVAEModule
+from layerdiff.modules import JointLayerLoRAModule, LatentDiffusionModule, TransparentVAEModule
 from support.contracts import ObjectiveContract, TinyParts
 
 
@@ -33,4 +33,22 @@ class TestLatentDiffusionModule(ObjectiveContract):
             "lora_rank": 4,
             "learning_rate": 1e-3,
             "caption_dropout": 0.5,  # the dropout draws are part of what must resume exactly
+        }
+
+
+class TestJointLayerLoRAModule(ObjectiveContract):
+    module_class = JointLayerLoRAModule
+    recipe = ("configs/joint_lora.yaml", "configs/demo/joint_lora.yaml")
+    artefacts = ("samples/step_*.png",)
+    layered = True
+
+    def module_arguments(self, parts: TinyParts) -> dict:
+        return {
+            "base_model": str(parts.sdxl),
+            "transparent_vae": str(parts.transparent_vae),
+            "layers": ("foreground", "background", "blend"),
+            "attention_sharing": "concat",
+            "lora_rank": 4,
+            "learning_rate": 1e-3,
+            "caption_dropout": 0.5,
         }

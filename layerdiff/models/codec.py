@@ -41,6 +41,12 @@ def encode_adjusted(
     return posterior.mean, posterior.mean + posterior.std * offset
 
 
+def encode_opaque(vae: AutoencoderKL, rgb: torch.Tensor) -> torch.Tensor:
+    """An opaque layer's latent (unscaled): the posterior mean of ``E*(2 rgb - 1)``, deterministic
+    like ``encode_adjusted`` (a background or blend of joint layers, LayerDiffusion sec. 3.3)."""
+    return vae.encode(rgb * 2.0 - 1.0).latent_dist.mean
+
+
 def decode_pixels(vae: AutoencoderKL, latent: torch.Tensor) -> torch.Tensor:
     """``D*``: the frozen VAE's decode in [0, 1], not clipped (so gradients pass)."""
     return vae.decode(latent).sample * 0.5 + 0.5
@@ -71,6 +77,12 @@ def vae_latent(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Inverse of ``diffusion_latent``."""
     shift = vae.config.get("shift_factor") or 0.0
     return latents / vae.config.scaling_factor + shift
+
+
+@torch.no_grad()
+def decode_opaque(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Generated diffusion-scale latents of an opaque layer -> RGB in [0, 1]."""
+    return decode_pixels(vae, vae_latent(vae, latents)).clamp(0.0, 1.0)
 
 
 @torch.no_grad()

@@ -10,26 +10,17 @@ import torch
 
 from layerdiff import diffusion
 from layerdiff.batches import CachedBatch, ImageBatch
-from layerdiff.formats.layerdiffuse_vae import load_transparency_models
 from layerdiff.formats.lora import load_lora_into_unet
 from layerdiff.models import codec
-from layerdiff.models.base import (
-    detect_architecture,
-    freeze,
-    load_scheduler,
-    load_text_encoders,
-    load_unet,
-    load_vae,
-)
+from layerdiff.models.base import load_unet
 from layerdiff.models.lora import DEFAULT_ADAPTER, RELEASED_LORA_TARGETS, add_lora
-from layerdiff.models.text import PromptConditioning, PromptEmbeddings
-from layerdiff.modules.base import FrozenBaseModule, TrainedParts
-from layerdiff.optim import LearningRateSchedule, OptimizerName, build_lr_schedule, build_optimizer
+from layerdiff.models.text import PromptEmbeddings
+from layerdiff.modules.diffusion_objective import DiffusionObjective
+from layerdiff.optim import LearningRateSchedule, OptimizerName
 from layerdiff.pipelines import CommunityLora, GeneratedImage, PromptBatch, TransparentImageGenerator
-from layerdiff.resume import rank_seed
 
 
-class LatentDiffusionModule(FrozenBaseModule):
+class LatentDiffusionModule(DiffusionObjective):
     """Trains the base UNet on adjusted latents ``x_a`` with LD eq. 7.
 
     Batches come from ``data.ShardDataModule``: image batches (``rgb``, ``alpha``) are encoded
@@ -73,9 +64,6 @@ class LatentDiffusionModule(FrozenBaseModule):
             skipped, with no update) after which training stops with an error.
     """
 
-    trained = TrainedParts(exported=("unet",))
-    generators = ("noise",)  # timesteps, noise and caption dropout of training steps
-
     def __init__(
         self,
         transparent_vae: str,
@@ -110,16 +98,7 @@ class LatentDiffusionModule(FrozenBaseModule):
             raise ValueError(f"caption_dropout is a probability in [0, 1]; got {caption_dropout}")
         self.save_hyperparameters()
 
-        self.architecture = detect_architecture(base_model, revision=base_revision)
-        self.vae = freeze(load_vae(base_model, revision=base_revision))
-        encoder, decoder = load_transparency_models(transparent_vae)
-        self.transparent_encoder, self.transparent_decoder = freeze(encoder), freeze(decoder)
-        self.text_encoders = load_text_encoders(base_model, revision=base_revision)
-        self.text_encoder_modules = torch.nn.ModuleList(freeze(encoder) for encoder in self.text_encoders.encoders)
-        self.conditioning = PromptConditioning(self.text_encoders)
-        self.noise_scheduler = load_scheduler(base_model, revision=base_revision)
-        self.prediction_type = prediction_type or self.noise_scheduler.config.prediction_type
-
+        self.load_base(transparent_vae, base_model, base_revision, prediction_type)
         # from_pretrained returns eval mode, which Lightning keeps: the trained part is set to train.
         self.unet = load_unet(base_model, revision=base_revision).train()
         if lora_rank is not None:
@@ -132,9 +111,6 @@ class LatentDiffusionModule(FrozenBaseModule):
         self._image_generator: TransparentImageGenerator | None = None
 
     # -- conditioning and latents ------------------------------------------------------
-
-    def encode_prompts(self, captions: list[str]) -> PromptEmbeddings:
-        return self.conditioning.encode(captions, self.device)
 
     def _prompt_embeddings(self, batch: ImageBatch | CachedBatch, drop: torch.Tensor) -> PromptEmbeddings:
         if isinstance(batch, CachedBatch) and batch.prompt_hidden is not None:
@@ -155,10 +131,6 @@ class LatentDiffusionModule(FrozenBaseModule):
         target_size = tuple(side * self.vae_scale_factor for side in latents.shape[-2:])
         return self.conditioning.added_conditions(prompts, batch.original_size, batch.crop_top_left, target_size)
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
     # -- the objective -------------------------------------------------------------------
 
     def compute_loss(self, batch: ImageBatch | CachedBatch, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -166,8 +138,7 @@ class LatentDiffusionModule(FrozenBaseModule):
         a seed gives the same noise on any device), in a fixed order."""
         latents = self.diffusion_latents(batch)
         hp, alphas_cumprod = self.hparams, self.noise_scheduler.alphas_cumprod
-        draws = diffusion.draw(generator, [latents.shape], self.noise_scheduler.config.num_train_timesteps,
-                               hp.caption_dropout, hp.noise_offset)
+        draws = diffusion.draw(generator, [latents.shape], self.num_train_timesteps, hp.caption_dropout, hp.noise_offset)
         timesteps = draws.timesteps.to(latents.device)
         noise = draws.noise[0].to(latents.device, latents.dtype)
 
@@ -180,10 +151,7 @@ class LatentDiffusionModule(FrozenBaseModule):
             added_cond_kwargs=self._added_conditions(batch, prompts, latents),
         ).sample
 
-        weights = None
-        if hp.min_snr_gamma is not None:
-            snr = diffusion.signal_to_noise_ratio(alphas_cumprod, timesteps)
-            weights = diffusion.min_snr_weights(snr, hp.min_snr_gamma, self.prediction_type)
+        weights = self.loss_weights(timesteps)
         target = diffusion.target(self.prediction_type, alphas_cumprod, latents, noise, timesteps)
         return {"loss": diffusion.denoising_loss(prediction, target, weights)}
 
@@ -194,20 +162,10 @@ class LatentDiffusionModule(FrozenBaseModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch.caption))
         return loss
 
-    def on_validation_epoch_start(self) -> None:
-        # The same timesteps and noise at every validation, so val/loss curves compare.
-        self._validation_generator = torch.Generator().manual_seed(rank_seed(self.hparams.seed + 1, self.global_rank))
-
     def validation_step(self, batch: ImageBatch | CachedBatch, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch, self._validation_generator)["loss"]
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch.caption), sync_dist=True)
         return loss
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = build_optimizer(self.trained_parameters(), hp.optimizer, hp.learning_rate, tuple(hp.betas), hp.weight_decay)
-        schedule = build_lr_schedule(optimizer, hp.lr_schedule, hp.warmup_steps, self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- generation: train.py predict and the TransparentSamples callback ------------------
 

@@ -1,7 +1,9 @@
 """Generation around the trained parts: text -> transparent images (``transparent``), with
-community LoRAs stacked on the UNet (``community_lora``)."""
+community LoRAs stacked on the UNet (``community_lora``); a prompt per layer -> layer sets
+(``joint_layers``)."""
 
 from layerdiff.pipelines.community_lora import CommunityLora, IncompatibleLoraError, check_lora_fits
+from layerdiff.pipelines.joint_layers import GeneratedLayers, JointLayerGenerator, LayerPromptBatch
 from layerdiff.pipelines.transparent import (
     SCHEDULERS,
     GeneratedImage,
@@ -17,8 +19,11 @@ __all__ = [
     "SCHEDULERS",
     "CommunityLora",
     "GeneratedImage",
+    "GeneratedLayers",
     "GenerationSettings",
     "IncompatibleLoraError",
+    "JointLayerGenerator",
+    "LayerPromptBatch",
     "PromptBatch",
     "SchedulerName",
     "TransparentImageGenerator",

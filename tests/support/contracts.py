@@ -70,6 +70,7 @@ class ObjectiveContract:
     module_class: ClassVar[type[FrozenBaseModule]]
     recipe: ClassVar[tuple[str, ...]]  # train.py's -c files: the recipe, then its demo overlay
     artefacts: ClassVar[tuple[str, ...]] = ()  # globs a recipe run must leave under its root
+    layered: ClassVar[bool] = False  # trains on multi-layer samples (fg, bg, blend)
 
     def module_arguments(self, parts: TinyParts) -> dict[str, Any]:
         """Constructor arguments that build the module on the tiny parts."""
@@ -79,8 +80,9 @@ class ObjectiveContract:
 
     @pytest.fixture
     def parts(self, tiny_sdxl: Path, tiny_transparent_vae: Path, tmp_path: Path) -> TinyParts:
-        train = write_tiny_shards(tmp_path / "shards" / "train", TRAIN_SAMPLES, per_shard=4, sizes=((64, 64),))
-        val = write_tiny_shards(tmp_path / "shards" / "val", VAL_SAMPLES, sizes=((64, 64),))
+        train = write_tiny_shards(tmp_path / "shards" / "train", TRAIN_SAMPLES, per_shard=4, sizes=((64, 64),),
+                                  layers=self.layered)
+        val = write_tiny_shards(tmp_path / "shards" / "val", VAL_SAMPLES, sizes=((64, 64),), layers=self.layered)
         return TinyParts(tiny_sdxl, tiny_transparent_vae, ",".join(train), ",".join(val))
 
     def make_module(self, parts: TinyParts, **overrides: Any) -> FrozenBaseModule:
@@ -88,7 +90,8 @@ class ObjectiveContract:
         return self.module_class(**{**self.module_arguments(parts), **overrides})
 
     def make_data(self, parts: TinyParts) -> LightningDataModule:
-        return ShardDataModule(parts.train_shards, parts.val_shards, batch_size=2, num_workers=0, shuffle_buffer=0)
+        return ShardDataModule(parts.train_shards, parts.val_shards, batch_size=2, num_workers=0, shuffle_buffer=0,
+                               require_layers=self.layered)
 
     def fit(self, module: FrozenBaseModule, parts: TinyParts, root: Path, callbacks=(), **trainer: Any) -> Trainer:
         trainer = quiet_trainer(root, callbacks=list(callbacks), inference_mode=False, **trainer)

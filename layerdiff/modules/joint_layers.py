@@ -1,0 +1,215 @@
+"""Joint multi-layer generation (LayerDiffusion arXiv:2402.17113 sec. 3.3, eq. 8-9): the layers
+of one image (a transparent foreground in the adjusted latent space, an opaque background and
+blend in the plain one) are denoised together by one frozen UNet, each layer with its own LoRA,
+attention shared between the layers of a sample (``layerdiff.models.layer_sharing``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from layerdiff import diffusion
+from layerdiff.batches import Layer, LayeredBatch
+from layerdiff.models import codec
+from layerdiff.models.base import load_unet
+from layerdiff.models.layer_sharing import PROJECTIONS, SharingMode, add_layer_sharing
+from layerdiff.models.text import PromptEmbeddings
+from layerdiff.modules.diffusion_objective import DiffusionObjective
+from layerdiff.optim import LearningRateSchedule, OptimizerName
+from layerdiff.pipelines.joint_layers import GeneratedLayers, JointLayerGenerator, LayerPromptBatch
+
+
+class LayerMismatchError(ValueError):
+    """A batch's layers are not the layers the model was built for."""
+
+
+class JointLayerLoRAModule(DiffusionObjective):
+    """Trains one LoRA per layer on a frozen SD1.5 / SDXL UNet with attention sharing, on
+    ``LayeredBatch``es (``data.ShardDataModule(require_layers=True)``).
+
+    The loss is LD eq. 9: the squared error on the layers' concatenated noise, i.e. the mean of
+    eq. 8's per-layer errors (each logged as ``train/loss_{layer}``). The layers of a sample
+    share a timestep; each has its own noise and its own caption dropout, so classifier-free
+    guidance can be applied per layer.
+
+    Args:
+        transparent_vae: the trained transparency encoder/decoder (an export folder, ours or
+            the released LayerDiffuse files, or a ``TransparentVAEModule`` checkpoint); encodes
+            the ``transparent_layers`` and decodes them when generating.
+        base_model: diffusers model (hub id, local folder or ``embedded:tiny-sdxl``), SDXL or SD1.5.
+        base_revision: hub revision of ``base_model``.
+        layers: the layers denoised together, top first, by their batch names (``foreground``,
+            ``background``, ``blend``); 2 for SDXL fg + bg, 3 for the released SD1.5 joint model.
+        transparent_layers: the layers with alpha, encoded into the adjusted latent space; the
+            others are opaque and use the plain VAE latent.
+        attention_sharing: ``concat`` (eq. 9: self-attention over every layer's tokens),
+            ``frame`` (the released SD1.5 design: attention across layers at each token) or
+            ``none`` (independent layers, the ablation baseline).
+        lora_rank: rank of each layer's LoRA (the paper: 256).
+        lora_alpha: LoRA scale numerator (scale = alpha / rank); defaults to the rank, as released.
+        lora_projections: attention projections adapted, in self- and cross-attention.
+        prediction_type: ``epsilon`` or ``v_prediction``; ``None`` keeps the base model's.
+        min_snr_gamma: Min-SNR-gamma loss weighting; ``None`` = off.
+        noise_offset: scale of per-channel offset noise (0 = off).
+        caption_dropout: probability, per layer and sample, of training on the empty caption.
+        optimizer: ``adamw`` or bitsandbytes ``adamw8bit``.
+        learning_rate: peak learning rate (paper: 1e-5).
+        betas: Adam betas.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up steps.
+        lr_schedule: ``constant``, ``linear`` or ``cosine`` after warm-up.
+        gradient_checkpointing: recompute UNet activations in backward to save memory.
+        seed: base seed of the noise/timestep/dropout generators (per rank).
+        decode_augmentation: decode generated transparent layers with the released 8-way median.
+        max_non_finite_steps: consecutive non-finite steps (each skipped) before stopping.
+    """
+
+    def __init__(
+        self,
+        transparent_vae: str,
+        base_model: str = "stabilityai/stable-diffusion-xl-base-1.0",
+        base_revision: str | None = None,
+        layers: tuple[str, ...] = ("foreground", "background"),
+        transparent_layers: tuple[str, ...] = ("foreground",),
+        attention_sharing: SharingMode = "concat",
+        lora_rank: int = 256,
+        lora_alpha: float | None = None,
+        lora_projections: tuple[str, ...] = PROJECTIONS,
+        prediction_type: Literal["epsilon", "v_prediction"] | None = None,
+        min_snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        caption_dropout: float = 0.1,
+        optimizer: OptimizerName = "adamw",
+        learning_rate: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 1e-2,
+        warmup_steps: int = 0,
+        lr_schedule: LearningRateSchedule = "constant",
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+        decode_augmentation: bool = False,
+        max_non_finite_steps: int = 5,
+    ) -> None:
+        super().__init__(max_non_finite_steps=max_non_finite_steps, seed=seed)
+        layers, transparent_layers = tuple(layers), tuple(transparent_layers)
+        if len(layers) < 1 or len(set(layers)) != len(layers):
+            raise ValueError(f"layers must name each layer once, top first, e.g. [foreground, background]; got {list(layers)}")
+        stray = [name for name in transparent_layers if name not in layers]
+        if stray:
+            raise ValueError(f"transparent_layers {stray} are not among layers {list(layers)}")
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout is a probability in [0, 1]; got {caption_dropout}")
+        self.save_hyperparameters()
+        self.layers, self.transparent_layers = layers, transparent_layers
+
+        self.load_base(transparent_vae, base_model, base_revision, prediction_type)
+        self.unet = load_unet(base_model, revision=base_revision).train()
+        add_layer_sharing(self.unet, len(layers), attention_sharing, lora_rank, lora_alpha, lora_projections)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self._generator: JointLayerGenerator | None = None
+
+    # -- latents -------------------------------------------------------------------------
+
+    def _batch_layers(self, batch: LayeredBatch) -> list[Layer]:
+        if not isinstance(batch, LayeredBatch):
+            raise LayerMismatchError(
+                f"JointLayerLoRAModule trains on layered batches, got {type(batch).__name__}: set "
+                "`data.init_args.require_layers: true` and use shards with bg.png/blend.png (python -m data write --help)"
+            )
+        found = [layer.name for layer in batch.layers]
+        missing = [name for name in self.layers if name not in found]
+        if missing:
+            raise LayerMismatchError(f"the batch (keys {batch.key[:3]}...) has layers {found}, not {missing}; "
+                                     f"the model was built for layers {list(self.layers)}")
+        chosen = [batch.layer(name) for name in self.layers]
+        for layer in chosen:
+            transparent = layer.name in self.transparent_layers
+            if transparent != (layer.alpha is not None):
+                raise LayerMismatchError(
+                    f"layer {layer.name!r} of the batch (keys {batch.key[:3]}...) has {layer.pixels.shape[1]} channels, but "
+                    f"the model treats it as {'transparent (RGBA)' if transparent else 'opaque (RGB)'}: "
+                    "fix `model.init_args.transparent_layers`"
+                )
+        return chosen
+
+    @torch.no_grad()
+    def diffusion_latents(self, batch: LayeredBatch) -> torch.Tensor:
+        """Every layer's latent on the UNet's scale, ``[B, L, 4, h, w]``: the transparent layers'
+        adjusted latents ``x_a``, the opaque layers' plain VAE latents."""
+        latents = []
+        for layer in self._batch_layers(batch):
+            if layer.alpha is not None:
+                _, latent = codec.encode_adjusted(self.vae, self.transparent_encoder, layer.rgb, layer.alpha)
+            else:
+                latent = codec.encode_opaque(self.vae, layer.rgb)
+            latents.append(codec.diffusion_latent(self.vae, latent))
+        return torch.stack(latents, dim=1)
+
+    def layer_prompts(self, batch: LayeredBatch, drop: torch.Tensor) -> PromptEmbeddings:
+        """Each layer's caption embeddings (dropped to the empty caption where ``drop[l, b]``),
+        as one ``[B * L]`` batch, layers inner."""
+        per_layer = [self.conditioning.drop(self.encode_prompts(layer.caption), drop[index])
+                     for index, layer in enumerate(self._batch_layers(batch))]
+        hidden = torch.stack([prompts.hidden for prompts in per_layer], dim=1).flatten(0, 1)
+        pooled = None if per_layer[0].pooled is None else torch.stack([p.pooled for p in per_layer], dim=1).flatten(0, 1)
+        return PromptEmbeddings(hidden, pooled)
+
+    # -- the objective -------------------------------------------------------------------
+
+    def compute_loss(self, batch: LayeredBatch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """LD eq. 9 on one batch (``loss``) and eq. 8's term of each layer (``loss_{layer}``)."""
+        latents = self.diffusion_latents(batch)
+        samples, count = latents.shape[:2]
+        hp, alphas_cumprod = self.hparams, self.noise_scheduler.alphas_cumprod
+        draws = diffusion.draw(generator, [latents[:, 0].shape] * count, self.num_train_timesteps,
+                               hp.caption_dropout, hp.noise_offset)
+        timesteps = draws.timesteps.to(latents.device)
+        noise = torch.stack(draws.noise, dim=1).to(latents.device, latents.dtype)
+
+        rows = timesteps.repeat_interleave(count)
+        flat_latents, flat_noise = latents.flatten(0, 1), noise.flatten(0, 1)
+        prompts = self.layer_prompts(batch, draws.drop)
+        target_size = tuple(side * self.vae_scale_factor for side in latents.shape[-2:])
+        added = self.conditioning.added_conditions(prompts, batch.original_size.repeat_interleave(count, dim=0),
+                                                   batch.crop_top_left.repeat_interleave(count, dim=0), target_size)
+        noisy = diffusion.add_noise(alphas_cumprod, flat_latents, flat_noise, rows)
+        prediction = self.unet(noisy, rows, encoder_hidden_states=prompts.hidden, added_cond_kwargs=added).sample
+        target = diffusion.target(self.prediction_type, alphas_cumprod, flat_latents, flat_noise, rows)
+
+        prediction, target = prediction.unflatten(0, (samples, count)), target.unflatten(0, (samples, count))
+        weights = self.loss_weights(timesteps)
+        terms = {f"loss_{name}": diffusion.denoising_loss(prediction[:, index], target[:, index], weights)
+                 for index, name in enumerate(self.layers)}
+        return {"loss": torch.stack(list(terms.values())).mean(), **terms}
+
+    def training_step(self, batch: LayeredBatch, batch_idx: int) -> torch.Tensor | None:
+        losses = self.compute_loss(batch, self.generator("noise"))
+        if self.skip_non_finite({"diffusion": losses["loss"]}):
+            return None  # Lightning then skips backward and the update
+        self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=len(batch))
+        self.log_dict({f"train/{name}": value.detach() for name, value in losses.items() if name != "loss"},
+                      batch_size=len(batch))
+        return losses["loss"]
+
+    def validation_step(self, batch: LayeredBatch, batch_idx: int) -> torch.Tensor:
+        losses = self.compute_loss(batch, self._validation_generator)
+        self.log("val/loss", losses["loss"], prog_bar=True, batch_size=len(batch), sync_dist=True)
+        self.log_dict({f"val/{name}": value for name, value in losses.items() if name != "loss"},
+                      batch_size=len(batch), sync_dist=True)
+        return losses["loss"]
+
+    # -- generation: train.py predict and the layer-samples callback -----------------------
+
+    def layer_generator(self) -> JointLayerGenerator:
+        """Prompts per layer -> layer sets, with this module's parts (shared, current weights)."""
+        if self._generator is None:
+            self._generator = JointLayerGenerator(
+                self.unet, self.vae, self.text_encoders, self.transparent_decoder, self.layers, self.transparent_layers,
+                self.hparams.base_model, self.hparams.base_revision, self.hparams.decode_augmentation,
+            )
+        return self._generator
+
+    def predict_step(self, batch: LayerPromptBatch, batch_idx: int) -> list[GeneratedLayers]:
+        return self.layer_generator()(batch)

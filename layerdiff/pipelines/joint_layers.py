@@ -1,0 +1,164 @@
+"""Inference for joint layers (LayerDiffusion arXiv:2402.17113 sec. 3.3): a prompt per layer ->
+one layer set per seed (transparent foreground, background, blend, ...), all layers of a sample
+denoised together by the UNet with its layer-sharing units.
+
+The loop is written out rather than a diffusers pipeline's, because each layer has its own
+prompt, its own negative prompt and its own guidance scale. It uses diffusers' schedulers
+(``make_scheduler``: Euler, Euler ancestral, DPM++, DDIM), and the unconditional input is the
+empty caption's embedding, the same the training's caption dropout used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch import nn
+
+from layerdiff.models import codec
+from layerdiff.models.base import TextEncoders, detect_architecture
+from layerdiff.models.text import PromptConditioning, PromptEmbeddings
+from layerdiff.pipelines.transparent import GenerationSettings, load_scheduler_config, make_scheduler
+
+
+@dataclass
+class LayerPromptBatch:
+    """Layer sets to generate: per sample its run position, a prompt per layer name and a seed;
+    ``guidance`` optionally overrides ``settings.guidance_scale`` per layer."""
+
+    indices: list[int]
+    prompts: list[dict[str, str]]
+    seeds: list[int]
+    settings: GenerationSettings
+    guidance: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class GeneratedLayers:
+    """One generated layer set: ``layers`` maps each name to a float CPU tensor in [0, 1],
+    ``4 x H x W`` straight RGBA for transparent layers, ``3 x H x W`` RGB for opaque ones."""
+
+    index: int
+    seed: int
+    prompts: dict[str, str]
+    layers: dict[str, torch.Tensor]
+    parameters: dict[str, Any]
+
+
+def layer_noise(seed: int, layers: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """A sample's initial noise ``[L, *shape]`` from its own CPU generator (same on any device)."""
+    return torch.randn((layers, *shape), generator=torch.Generator().manual_seed(int(seed)))
+
+
+class JointLayerGenerator:
+    """Prompts per layer -> layer sets with a UNet carrying ``LayerSharingUnit``s.
+
+    The parts are shared with their owner (a LightningModule), so device moves and loaded
+    checkpoints are seen here.
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoders: TextEncoders,
+        transparent_decoder: nn.Module,
+        layers: Sequence[str],
+        transparent_layers: Sequence[str],
+        base_model: str,
+        base_revision: str | None = None,
+        decode_augmentation: bool = False,
+    ) -> None:
+        self.unet, self.vae, self.transparent_decoder = unet, vae, transparent_decoder
+        self.conditioning = PromptConditioning(text_encoders)
+        self.layers, self.transparent_layers = tuple(layers), tuple(transparent_layers)
+        self.architecture = detect_architecture(base_model, revision=base_revision)
+        self.base_model, self.base_revision = base_model, base_revision
+        self.decode_augmentation = decode_augmentation
+        self.scheduler_config = load_scheduler_config(base_model, base_revision)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def _prompts(self, texts: list[str]) -> PromptEmbeddings:
+        return self.conditioning.encode(texts, self.unet.device)
+
+    def _check(self, batch: LayerPromptBatch) -> None:
+        if len(batch.prompts) != len(batch.seeds):
+            raise ValueError(f"{len(batch.prompts)} layer prompts but {len(batch.seeds)} seeds; give one seed per sample")
+        for prompts in batch.prompts:
+            unknown = sorted(set(prompts) - set(self.layers))
+            if unknown:
+                raise ValueError(f"prompts for layers {unknown}, but this model generates layers {list(self.layers)}")
+        unknown = sorted(set(batch.guidance) - set(self.layers))
+        if unknown:
+            raise ValueError(f"guidance for layers {unknown}, but this model generates layers {list(self.layers)}")
+
+    @torch.no_grad()
+    def __call__(self, batch: LayerPromptBatch) -> list[GeneratedLayers]:
+        """One layer set per ``(prompts, seed)``; a layer without a prompt gets the empty one."""
+        self._check(batch)
+        settings = batch.settings
+        native = self.unet.config.sample_size * self.vae_scale_factor
+        settings = replace(settings, width=settings.width or native, height=settings.height or native)
+        count, samples, device, dtype = len(self.layers), len(batch), self.unet.device, self.unet.dtype
+        shape = (self.unet.config.in_channels, settings.height // self.vae_scale_factor, settings.width // self.vae_scale_factor)
+
+        texts = [prompts.get(name, "") for prompts in batch.prompts for name in self.layers]  # (b l)
+        conditional = self._prompts(texts)
+        unconditional = self._prompts([settings.negative_prompt] * len(texts))
+        scales = torch.tensor([batch.guidance.get(name, settings.guidance_scale) for name in self.layers] * samples)
+        guided = bool((scales != 1.0).any())
+        prompts = (PromptEmbeddings(torch.cat([unconditional.hidden, conditional.hidden]),
+                                    None if conditional.pooled is None else torch.cat([unconditional.pooled, conditional.pooled]))
+                   if guided else conditional)
+        rows = prompts.hidden.shape[0]
+        sizes = torch.tensor([[settings.height, settings.width]] * rows, device=device)
+        added = self.conditioning.added_conditions(prompts, sizes, torch.zeros_like(sizes), (settings.height, settings.width))
+
+        scheduler = make_scheduler(settings.scheduler, self.scheduler_config)
+        scheduler.set_timesteps(settings.steps, device=device)
+        latents = torch.cat([layer_noise(seed, count, shape) for seed in batch.seeds]).to(device, dtype)
+        latents = latents * scheduler.init_noise_sigma
+        # Ancestral samplers draw fresh noise each step: from per-row generators, so a sample
+        # depends on its own seed only.
+        step_generators = [torch.Generator().manual_seed(int(seed) * 1009 + 1 + layer)
+                           for seed in batch.seeds for layer in range(count)]
+        scales = scales.to(device, dtype)[:, None, None, None]
+        for timestep in scheduler.timesteps:
+            model_input = torch.cat([latents, latents]) if guided else latents
+            model_input = scheduler.scale_model_input(model_input, timestep)
+            prediction = self.unet(model_input, timestep.expand(rows), encoder_hidden_states=prompts.hidden,
+                                   added_cond_kwargs=added).sample
+            if guided:
+                without, with_prompt = prediction.chunk(2)
+                prediction = without + scales * (with_prompt - without)
+            latents = scheduler.step(prediction, timestep, latents, generator=step_generators).prev_sample
+        return self._decode(latents.unflatten(0, (samples, count)), batch, settings)
+
+    def _decode(self, latents: torch.Tensor, batch: LayerPromptBatch, settings: GenerationSettings) -> list[GeneratedLayers]:
+        decoded: dict[str, torch.Tensor] = {}
+        for index, name in enumerate(self.layers):
+            layer_latents = latents[:, index].to(self.vae.dtype)
+            if name in self.transparent_layers:
+                alpha, rgb = codec.decode_rgba(self.vae, self.transparent_decoder, layer_latents, self.decode_augmentation)
+                decoded[name] = torch.cat([rgb, alpha], dim=1).float().cpu()
+            else:
+                decoded[name] = codec.decode_opaque(self.vae, layer_latents).float().cpu()
+        shared = {**asdict(settings), "guidance": dict(batch.guidance), "base_model": self.base_model,
+                  "base_revision": self.base_revision, "layers": list(self.layers),
+                  "decode_augmentation": self.decode_augmentation}
+        return [
+            GeneratedLayers(
+                index=index,
+                seed=int(seed),
+                prompts={name: prompts.get(name, "") for name in self.layers},
+                layers={name: images[row] for name, images in decoded.items()},
+                parameters={"prompts": {name: prompts.get(name, "") for name in self.layers}, "seed": int(seed), **shared},
+            )
+            for row, (index, prompts, seed) in enumerate(zip(batch.indices, batch.prompts, batch.seeds))
+        ]
