@@ -8,9 +8,10 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
-from callbacks.rgba_writer import contact_sheet, file_stem, gather_from_ranks, png_metadata
+from callbacks.rgba_writer import contact_sheet, file_stem, png_metadata
 from layerdiff.formats.layered_image import Layer, write_layered
 from layerdiff.pipelines import GeneratedLayers
+from layerdiff.resume import gather_from_ranks
 from layerdiff.rgba import image_grid, preview_layers, to_uint8_hwc
 
 BLEND_LAYER = "blend"  # kept in the layered file as a hidden reference: the others composite to it
@@ -77,7 +78,8 @@ class LayerSetWriter(BasePredictionWriter):
             self._previews.append((layers.index, str(preview_path)))
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        previews = gather_from_ranks(self._previews)  # also the barrier: every rank has written
+        # also the barrier: every rank has written
+        previews = [preview for previews in gather_from_ranks(self._previews) for preview in previews]
         if trainer.is_global_zero and previews and self.contact_sheet_max_images > 0:
             paths = [path for _, path in sorted(previews)[: self.contact_sheet_max_images]]
             with Image.open(paths[0]) as first:

@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from layerdiff.pipelines import GeneratedImage
+from layerdiff.resume import gather_from_ranks
 from layerdiff.rgba import image_grid, preview_on_checkerboard, to_uint8_hwc
 
 _SLUG_LENGTH = 48
@@ -44,15 +44,6 @@ def png_metadata(parameters: dict[str, Any]) -> PngInfo:
     for key, value in parameters.items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value, default=str))
     return info
-
-
-def gather_from_ranks(items: list) -> list:
-    """Concatenate every rank's ``items`` (picklable), in rank order; all ranks must call this."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return items
-    gathered: list[list | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, items)
-    return [item for rank_items in gathered for item in rank_items]
 
 
 class RGBAPredictionWriter(BasePredictionWriter):
@@ -116,7 +107,8 @@ class RGBAPredictionWriter(BasePredictionWriter):
             self._previews.append((image.index, str(preview_path)))
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        previews = gather_from_ranks(self._previews)  # also the barrier: every rank has written
+        # also the barrier: every rank has written
+        previews = [preview for previews in gather_from_ranks(self._previews) for preview in previews]
         if trainer.is_global_zero and previews and self.contact_sheet_max_images > 0:
             paths = [path for _, path in sorted(previews)[: self.contact_sheet_max_images]]
             sheet = contact_sheet(paths, self.contact_sheet_columns, self.contact_sheet_thumbnail)

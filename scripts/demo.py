@@ -7,10 +7,14 @@ Runs the recipes a user would run with ``train.py``, each with its demo overlay:
    images at step 0), trains it, validates again and exports the released-layout weights;
 3. **latent diffusion** (LD sec. 3.2): fine-tunes the tiny UNet on the adjusted latents of
    that export (validation loss before and after);
-4. **generation**: ``predict`` turns demo prompts into RGBA PNGs and a contact sheet.
+4. **generation**: ``predict`` turns demo prompts into RGBA PNGs and a contact sheet;
+5. **joint layers** (LD sec. 3.3): foreground, background and blend LoRAs with shared attention
+   on the UNet of stage 3 (exported as a UNet folder), trained on the demo triplets (validation
+   loss per layer before and after); ``predict`` writes layer sets with a layered PSD each.
 
-Extra command-line arguments override the recipes: ``--trainer.*`` applies to both training
-stages, ``--vae.<key>`` only to the first and ``--diffusion.<key>`` only to the second::
+Extra command-line arguments override the recipes: ``--trainer.*`` applies to every training
+stage, ``--vae.<key>`` only to the first, ``--diffusion.<key>`` only to the second and
+``--joint.<key>`` only to the joint-layer stage::
 
     python scripts/demo.py --trainer.max_steps 100 --diffusion.model.init_args.learning_rate 1e-4
 """
@@ -24,18 +28,22 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
 
+from layerdiff.export import main as export_main
 from layerdiff.formats.layerdiffuse_vae import save_transparent_vae
 from train import LayerdiffCLI
 
 VAE_RECIPE = ["-c", "configs/transparent_vae.yaml", "-c", "configs/demo/transparent_vae.yaml"]
 DIFFUSION_RECIPE = ["-c", "configs/latent_diffusion.yaml", "-c", "configs/demo/latent_diffusion.yaml"]
 PREDICT_OVERLAY = ["-c", "configs/predict.yaml", "-c", "configs/demo/predict.yaml"]
+JOINT_RECIPE = ["-c", "configs/joint_lora.yaml", "-c", "configs/demo/joint_lora.yaml"]
+JOINT_PREDICT_OVERLAY = ["-c", "configs/predict_layers.yaml", "-c", "configs/demo/predict_layers.yaml"]
 REQUIRED_ALPHA_IMPROVEMENT = 5.0
-STAGE_PREFIXES = ("--vae.", "--diffusion.")
+STAGE_PREFIXES = ("--vae.", "--diffusion.", "--joint.")
 
 
-def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """Route ``--vae.x v`` / ``--diffusion.x v`` to one stage and everything else to both."""
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Route ``--vae.x v`` / ``--diffusion.x v`` / ``--joint.x v`` to one stage and everything
+    else to all."""
     stages: dict[str, list[str]] = {prefix: [] for prefix in STAGE_PREFIXES}
     shared: list[str] = []
     target = shared
@@ -49,7 +57,7 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
             target.append(argument)
         else:
             target.append(argument)  # the value of the previous option
-    return shared + stages["--vae."], shared + stages["--diffusion."]
+    return tuple(shared + stages[prefix] for prefix in STAGE_PREFIXES)
 
 
 def train_transparent_vae(overrides: list[str]) -> dict:
@@ -98,6 +106,39 @@ def generate(transparent_vae: str, checkpoint: str, overrides: list[str]) -> str
     return str(Path(cli.trainer.default_root_dir) / "generated")
 
 
+def train_joint_layers(transparent_vae: str, diffusion_checkpoint: str, overrides: list[str]) -> dict:
+    """Stage 5 on the UNet of stage 3, as the paper extends its transparent model to layers."""
+    base_unet = Path(diffusion_checkpoint).parent.parent / "unet"
+    export_main(["unet", "--checkpoint", diffusion_checkpoint, "--out", str(base_unet)])
+    arguments = JOINT_RECIPE + [f"--model.init_args.transparent_vae={transparent_vae}",
+                                f"--model.init_args.base_unet={base_unet}"] + overrides
+    cli = LayerdiffCLI(args=arguments, run=False)
+    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    before = trainer.validate(model, datamodule=datamodule)[0]
+    trainer.fit(model, datamodule=datamodule)
+    after = trainer.validate(model, datamodule=datamodule)[0]
+    checkpoint = Path(trainer.default_root_dir) / "checkpoints" / "final.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    finish_wandb_runs(trainer)
+    layers = [key.removeprefix("val/loss_") for key in after if key.startswith("val/loss_")]
+    return {
+        "root": trainer.default_root_dir,
+        "checkpoint": str(checkpoint),
+        "base_unet": str(base_unet),
+        "steps": trainer.global_step,
+        "val_loss_before": before["val/loss"],
+        "val_loss_after": after["val/loss"],
+        "per_layer": {layer: [before[f"val/loss_{layer}"], after[f"val/loss_{layer}"]] for layer in layers},
+    }
+
+
+def generate_layers(joint: dict, transparent_vae: str, overrides: list[str]) -> str:
+    arguments = ["predict", *JOINT_RECIPE, *JOINT_PREDICT_OVERLAY, f"--model.init_args.transparent_vae={transparent_vae}",
+                 f"--model.init_args.base_unet={joint['base_unet']}"]
+    cli = LayerdiffCLI(args=[*arguments, *overrides, f"--ckpt_path={joint['checkpoint']}"])
+    return str(Path(cli.trainer.default_root_dir) / "generated")
+
+
 def finish_wandb_runs(trainer) -> None:
     """End the stage's W&B run, so that the next stage's logger starts its own."""
     for logger in trainer.loggers:
@@ -107,14 +148,18 @@ def finish_wandb_runs(trainer) -> None:
 
 def run_demo(overrides: list[str]) -> int:
     started = time.perf_counter()
-    vae_overrides, diffusion_overrides = split_overrides(overrides)
+    vae_overrides, diffusion_overrides, joint_overrides = split_overrides(overrides)
     vae = train_transparent_vae(vae_overrides)
     diffusion = train_latent_diffusion(vae["export"], diffusion_overrides)
     predictions = generate(vae["export"], diffusion["checkpoint"], diffusion_overrides)
+    joint = train_joint_layers(vae["export"], diffusion["checkpoint"], joint_overrides)
+    layer_sets = generate_layers(joint, vae["export"], joint_overrides)
     summary = {
         "transparent_vae": vae,
         "latent_diffusion": diffusion,
         "predictions": predictions,
+        "joint_layers": joint,
+        "layer_sets": layer_sets,
         "seconds": round(time.perf_counter() - started, 1),
     }
     summary_path = Path(vae["root"]).parent / "demo_summary.json"
@@ -131,14 +176,19 @@ def run_demo(overrides: list[str]) -> int:
     print(f"   held-out loss (eq. 7)  before {diffusion['val_loss_before']:.4f}  after {diffusion['val_loss_after']:.4f}")
     print(f"   samples during training {diffusion['root']}/samples, checkpoint {diffusion['checkpoint']}")
     print(f"3. text -> RGBA: {predictions} (PNGs with alpha, checkerboard previews, contact_sheet.png)")
+    print("4. joint layers (foreground, background, blend; shared attention)")
+    print(f"   held-out loss (eq. 9)  before {joint['val_loss_before']:.4f}  after {joint['val_loss_after']:.4f}; per layer "
+          + ", ".join(f"{name} {pair[0]:.3f} -> {pair[1]:.3f}" for name, pair in joint["per_layer"].items()))
+    print(f"   layer sets: {layer_sets} (each layer as PNG, a layered .psd, previews, contact_sheet.png)")
     print(f"summary {summary_path}; W&B offline runs under outputs/demo/*/wandb; took {summary['seconds']} s")
     if vae["alpha_mse_improvement"] < REQUIRED_ALPHA_IMPROVEMENT:
         print(f"FAILED: alpha MSE improved only {vae['alpha_mse_improvement']:.1f}x "
               f"(expected at least {REQUIRED_ALPHA_IMPROVEMENT}x)")
         return 1
-    if not diffusion["val_loss_after"] < diffusion["val_loss_before"]:
-        print("FAILED: the diffusion stage did not lower the held-out loss")
-        return 1
+    for name, stage in (("diffusion", diffusion), ("joint-layer", joint)):
+        if not stage["val_loss_after"] < stage["val_loss_before"]:
+            print(f"FAILED: the {name} stage did not lower the held-out loss")
+            return 1
     return 0
 
 

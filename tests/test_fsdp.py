@@ -8,7 +8,8 @@ module-scoped fixtures shared between the assertions (each costs ~20-30 s on two
 * the same on one process (in this process), to compare losses and weights with;
 * the sharded VAE resumed from its step-1 checkpoint and killed while writing ``last.ckpt``;
 * the step-1 checkpoint consolidated into one file and resumed on one process;
-* the latent diffusion LoRA, sharded (EMA, sampling), and resumed from step 1.
+* the latent diffusion LoRA, sharded (EMA, sampling), and resumed from step 1;
+* the joint-layer LoRAs (three layers, concat sharing), sharded, and resumed from step 1.
 
 The data make these comparisons exact in principle: every shard is a byte copy of one shard
 holding exactly one batch (two 64 px samples), read in order (shuffle buffer 1), so every batch of
@@ -79,6 +80,7 @@ CHECKPOINT_EVERY = 1
 RELATIVE_TOLERANCE = 1e-3
 VAE_RECIPE = ("configs/transparent_vae.yaml", "configs/demo/transparent_vae.yaml")
 LD_RECIPE = ("configs/latent_diffusion.yaml", "configs/demo/latent_diffusion.yaml")
+JOINT_RECIPE = ("configs/joint_lora.yaml", "configs/demo/joint_lora.yaml")
 FSDP = ("configs/strategy/fsdp.yaml",)
 
 
@@ -279,6 +281,39 @@ def ld_resumed(tiny_sdxl, tiny_transparent_vae, one_batch_shards, ld_sharded, tm
     return root
 
 
+@pytest.fixture(scope="module")
+def layered_shards(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("layered_shards")
+    train = write_tiny_shards(folder / "train", 8, per_shard=2, sizes=((64, 64),), layers=True)
+    val = write_tiny_shards(folder / "val", 2, per_shard=2, sizes=((64, 64),), layers=True)
+    return {"train": ",".join(train), "val": ",".join(val)}
+
+
+def joint_model(tiny_sdxl: Path, tiny_transparent_vae: Path) -> dict:
+    return {"base_model": str(tiny_sdxl), "transparent_vae": str(tiny_transparent_vae), "lora_rank": 4,
+            "caption_dropout": 0.5, "warmup_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def joint_sharded(tiny_sdxl, tiny_transparent_vae, layered_shards, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("joint_sharded")
+    samples = {
+        "class_path": "callbacks.LayerSamples",
+        "init_args": {"prompts": [{"foreground": "a cat"}], "every_n_steps": 2,
+                      "settings": {"width": 64, "height": 64, "steps": 2}},
+    }
+    run_sharded(JOINT_RECIPE, run_overlay(root, layered_shards, joint_model(tiny_sdxl, tiny_transparent_vae), [samples]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def joint_resumed(tiny_sdxl, tiny_transparent_vae, layered_shards, joint_sharded, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("joint_resumed")
+    overlay = run_overlay(root, layered_shards, joint_model(tiny_sdxl, tiny_transparent_vae), [])
+    run_sharded(JOINT_RECIPE, overlay, "--ckpt_path", str(checkpoint_path(joint_sharded, CHECKPOINT_EVERY)))
+    return root
+
+
 # -- reading results -----------------------------------------------------------------------
 
 
@@ -458,6 +493,17 @@ def test_a_resumed_sharded_lora_run_continues_exactly(ld_sharded, ld_resumed):
     for resumed_rank, uninterrupted_rank in zip(resumed["per_rank"]["generators"], uninterrupted["per_rank"]["generators"]):
         assert torch.equal(resumed_rank["noise"], uninterrupted_rank["noise"])
     assert resumed["lr_schedulers"] == uninterrupted["lr_schedulers"]
+
+
+def test_the_sharded_joint_run_keeps_only_the_layer_units_and_resumes_exactly(joint_sharded, joint_resumed):
+    uninterrupted = read_checkpoint(checkpoint_path(joint_sharded, STEPS))
+    assert uninterrupted["state_dict"] and all(".processor." in key for key in uninterrupted["state_dict"])
+    assert any(".to_q_lora.2.up." in key for key in uninterrupted["state_dict"])  # the blend layer's own LoRA
+    assert sorted(path.name for path in (joint_sharded / "samples").glob("*.png")) == ["step_000000.png", "step_000002.png"]
+    resumed = read_checkpoint(checkpoint_path(joint_resumed, STEPS))
+    assert_same_training_state(resumed, uninterrupted, exact=True)
+    for resumed_rank, uninterrupted_rank in zip(resumed["per_rank"]["generators"], uninterrupted["per_rank"]["generators"]):
+        assert torch.equal(resumed_rank["noise"], uninterrupted_rank["noise"])
 
 
 def test_lora_and_unet_exports_of_a_sharded_checkpoint_load_into_diffusers(tiny_sdxl, ld_sharded, tmp_path):

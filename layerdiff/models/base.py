@@ -249,12 +249,13 @@ def load_unet(
     revision: str | None = None,
     variant: str | None = None,
     torch_dtype: torch.dtype | None = None,
+    subfolder: str | None = "unet",
 ) -> UNet2DConditionModel:
-    """The base model's denoising ``unet``."""
+    """The base model's denoising ``unet`` (``subfolder=None``: ``pretrained`` is a UNet folder)."""
     return load_component(
         UNet2DConditionModel.from_pretrained,
         pretrained,
-        "unet",
+        subfolder,
         MODEL_CONFIG_FILE,
         revision,
         variant=variant,

@@ -39,6 +39,9 @@ class JointLayerLoRAModule(DiffusionObjective):
             the ``transparent_layers`` and decodes them when generating.
         base_model: diffusers model (hub id, local folder or ``embedded:tiny-sdxl``), SDXL or SD1.5.
         base_revision: hub revision of ``base_model``.
+        base_unet: a diffusers UNet folder to start from instead of ``base_model``'s UNet, frozen
+            like it: the transparent-image model of sec. 3.2 that the paper extends to layers
+            (``python -m layerdiff.export unet`` of a full fine-tune).
         layers: the layers denoised together, top first, by their batch names (``foreground``,
             ``background``, ``blend``); 2 for SDXL fg + bg, 3 for the released SD1.5 joint model.
         transparent_layers: the layers with alpha, encoded into the adjusted latent space; the
@@ -70,6 +73,7 @@ class JointLayerLoRAModule(DiffusionObjective):
         transparent_vae: str,
         base_model: str = "stabilityai/stable-diffusion-xl-base-1.0",
         base_revision: str | None = None,
+        base_unet: str | None = None,
         layers: tuple[str, ...] = ("foreground", "background"),
         transparent_layers: tuple[str, ...] = ("foreground",),
         attention_sharing: SharingMode = "concat",
@@ -104,7 +108,8 @@ class JointLayerLoRAModule(DiffusionObjective):
         self.layers, self.transparent_layers = layers, transparent_layers
 
         self.load_base(transparent_vae, base_model, base_revision, prediction_type)
-        self.unet = load_unet(base_model, revision=base_revision).train()
+        unet_source = {"pretrained": base_unet, "subfolder": None} if base_unet else {"pretrained": base_model}
+        self.unet = load_unet(**unet_source, revision=None if base_unet else base_revision).train()
         add_layer_sharing(self.unet, len(layers), attention_sharing, lora_rank, lora_alpha, lora_projections)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
