@@ -17,7 +17,7 @@ shard). Two layouts are accepted, side by side, in any subfolder:
 **Layered PSD files**, ``NAME.psd`` (read with psd-tools), with the same captions beside it:
 
 * the foreground is the topmost visible top-level layer or group that has pixels
-  (adjustment layers have none); hidden layers are ignored;
+  (adjustment layers have none), with the layers clipped to it; hidden layers are ignored;
 * the background is every visible layer below it, composited; it must cover the canvas;
 * the blend is the PSD's own composite of all visible layers (the merged image Photoshop
   stores, or psd-tools' composite where the file has none). Effects, blend modes or
@@ -30,7 +30,7 @@ pixels and channels. 8-bit rounding costs about 1 level; re-saving the blend as 
 80 to 95) costs at most 7 levels mean and 35 at the 99th percentile, measured on 64 to 512 px
 emoji-over-photo composites. A different background, a layer moved by 3 px or a "multiply"
 blend mode exceeds 50 at the 99th percentile in those measurements, and a global colour
-shift of 8 levels or more fails the mean. A stored blend is written as given (resized and
+shift of more than 8 levels fails the mean. A stored blend is written as given (resized and
 cropped like the layers); a composited one is computed after resizing, from the stored layers.
 
 Per-file problems (missing or extra layer files, sizes that differ, an RGB foreground, a
@@ -224,7 +224,9 @@ def _read_psd(path: Path, root: Path) -> Layers:
     try:
         psd = PSDImage.open(path)
         top_level = list(psd)
-        visible = [layer for layer in top_level if layer.is_visible() and (layer.is_group() or layer.has_pixels())]
+        # A clipped layer belongs to the layer below it, whose composite includes it.
+        visible = [layer for layer in top_level
+                   if layer.is_visible() and not layer.clipping and (layer.is_group() or layer.has_pixels())]
         if len(visible) < 2:
             listed = ", ".join(repr(layer.name) for layer in visible) or "none"
             raise LayerProblem(SINGLE_LAYER_PSD, (

@@ -193,7 +193,9 @@ def write_folder(
     return WriteReport(manifest, dropped, examples, without_caption)
 
 
-def _jobs(src: Path, paths: list[Path], targets) -> tuple[list[_Job], list[tuple[Path, str]]]:
+def _jobs(
+    src: Path, paths: list[Path], targets: tuple[tuple[int, int], ...]
+) -> tuple[list[_Job], list[tuple[Path, str]]]:
     """One job per plain PNG, or per layered source (with the orphaned layer files) in layered mode."""
     layered = [path for path in paths if layer_suffix(path)]
     if not layered:

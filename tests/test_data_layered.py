@@ -174,6 +174,24 @@ def test_layered_psd_top_layer_is_the_foreground_and_the_rest_the_background(tmp
     assert np.abs(sample.blend.astype(float) - _over(sample.foreground, sample.background)).mean() < 1.0
 
 
+def test_layers_clipped_to_the_psd_foreground_belong_to_it(tmp_path):
+    red = np.zeros((10, 10, 4), np.uint8)
+    red[..., 0] = red[..., 3] = 255
+    tint = np.zeros((20, 20, 4), np.uint8)
+    tint[..., 2], tint[..., 3] = 255, 128
+    _psd(tmp_path / "src" / "tinted.psd", [("grey", np.full((20, 20, 3), 100, np.uint8), 0, 0), ("cut", red, 5, 5),
+                                           ("tint", tint, 0, 0)], size=(20, 20))
+    psd = PSDImage.open(tmp_path / "src" / "tinted.psd")
+    psd[2].clipping = True  # the tint shows only where the cut is
+    psd.save(tmp_path / "src" / "tinted.psd")
+    report = write_folder(tmp_path / "src", tmp_path / "out", size=20)
+    assert report.manifest.num_samples == 1 and not report.dropped
+    (sample,) = _samples(tmp_path / "out").values()
+    assert sample.provenance["layers"]["foreground"] == "tinted.psd: layer 'cut'"
+    assert np.abs(sample.foreground[10, 10].astype(int) - (127, 0, 128, 255)).max() <= 1
+    assert sample.foreground[0, 0, 3] == 0 and tuple(sample.background[0, 0]) == (100, 100, 100)
+
+
 def _opaque_if_rgb(image: np.ndarray) -> np.ndarray:
     if image.shape[2] == 3:
         image = np.concatenate([image, np.full(image.shape[:2] + (1,), 255, np.uint8)], -1)
