@@ -10,12 +10,37 @@ import time
 DESCRIPTION = """\
 Tools for layerdiff's webdataset shards (schema: data/schema.py).
 
-  write     convert a folder of RGBA PNGs (+ same-stem .txt captions) into shards
+  write     convert a folder of RGBA PNGs (+ same-stem .txt captions), or of layered
+            sources (NAME.fg.png + NAME.bg.png, layered .psd files), into shards
   validate  read every sample of some shards, check the schema, print statistics
   demo      build demo shards from OpenMoji emoji over scikit-image photos (offline)
   cache-latents
             turn image shards into cached shards (adjusted latents, optionally text
             embeddings) that latent diffusion training reads without running the encoders
+"""
+
+WRITE_DESCRIPTION = """\
+Convert every image under SRC_DIR (recursively) into shards in OUT_DIR. Each image is resized
+to cover the target size and centre-cropped (all layers of a sample alike); images without
+alpha, without a transparent pixel or without a visible pixel are dropped and reported.
+Shards are written atomically; a re-run overwrites the previous output.
+
+Plain (single-layer) sources: NAME.png, RGBA, with the caption in NAME.txt.
+
+Layered sources (LayerDiffusion's foreground / background / blend), chosen automatically
+when SRC_DIR holds any *.fg.png, *.bg.png, *.blend.png or *.psd (plain NAME.png files
+beside them are then an error):
+  NAME.fg.png     foreground, RGBA                      caption NAME.fg.txt
+  NAME.bg.png     background, RGB or opaque RGBA        caption NAME.bg.txt
+  NAME.blend.png  optional whole image, RGB             caption NAME.txt
+                  (without it: foreground composited over background)
+  NAME.psd        layered Photoshop file: the topmost visible layer or group with pixels
+                  is the foreground, the visible layers below it flattened are the
+                  background, the PSD's composite is the blend; captions as above
+A given blend must match foreground over background (mean and 99th-percentile error in
+8-bit levels, tolerances in data/layered_sources.py); a mismatching blend, layers of
+different sizes, a foreground without alpha or background, a single-layer PSD and
+unreadable files are dropped and reported with the file and the fix.
 """
 
 
@@ -92,13 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     cores = os.cpu_count() or 1
 
     write = commands.add_parser(
-        "write", help="convert a folder of RGBA PNGs into shards",
-        description="Convert every .png under SRC_DIR (recursively) into shards in OUT_DIR. Each image is "
-        "resized to cover the target size and centre-cropped; images without alpha, without a transparent "
-        "pixel or without a visible pixel are dropped and reported. A same-stem .txt file is the caption. "
-        "Shards are written atomically; a re-run overwrites the previous output.",
+        "write", help="convert a folder of RGBA PNGs or layered sources into shards",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=WRITE_DESCRIPTION,
     )
-    write.add_argument("src_dir", metavar="SRC_DIR", help="folder of RGBA .png files (searched recursively)")
+    write.add_argument("src_dir", metavar="SRC_DIR", help="folder of RGBA .png files or of layered sources "
+                       "(searched recursively)")
     write.add_argument("out_dir", metavar="OUT_DIR", help="folder for shard-NNNNNN.tar and index.json")
     write.add_argument("--size", type=int, default=1024, help="square target size in pixels (default 1024)")
     write.add_argument("--buckets", help="aspect buckets as WIDTHxHEIGHT list, e.g. 1024x1024,1152x896,896x1152; "

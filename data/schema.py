@@ -290,7 +290,8 @@ def decode_sample(
         raise schema_error(
             url, key, missing,
             "required because require_layers is true, but these shards have no multi-layer samples",
-            "pass `require_layers: false`, or write shards with backgrounds (e.g. `python -m data demo`)",
+            "pass `require_layers: false`, or re-write the shards from a layered source (`python -m data write` of "
+            "NAME.fg.png + NAME.bg.png files or layered .psd files, see its --help; or `python -m data demo`)",
         )
     if len(present) == 1:
         problem = "bg.png and blend.png come together; only one is present"

@@ -1,6 +1,8 @@
-"""Turn a folder of RGBA PNGs (with optional same-stem ``.txt`` captions) into shards.
+"""Turn a folder of RGBA PNGs (with optional same-stem ``.txt`` captions), or of layered
+sources (``NAME.fg.png`` + ``NAME.bg.png`` triplets, layered ``.psd`` files: accepted layouts
+in ``data.layered_sources``), into shards.
 
-Every image is resized so it covers its target size, centre-cropped, stripped of
+Every image (every layer, with one crop per sample) is resized so it covers its target size, centre-cropped, stripped of
 samples LayerDiffusion sec. 3.4 drops (no transparent pixel, no visible pixel),
 padded under zero alpha and written in the schema of ``data.schema``. The target
 is one square ``size``, or, with ``buckets``, the bucket whose aspect ratio is
@@ -18,12 +20,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data.layered_sources import (
+    NO_FOREGROUND,
+    PSD_SUFFIX,
+    LayeredSource,
+    LayerProblem,
+    UnreadableLayerError,
+    find_layered_sources,
+    layer_suffix,
+    read_layers,
+)
 from data.parallel import ordered_parallel_map
 from data.schema import LayerSample, encode_sample, prepare_foreground
 from data.shards import ShardManifest, ShardWriter, TarSample, serialise_sample
-from layerdiff.rgba import MissingAlphaError, load_rgba
+from layerdiff.rgba import MissingAlphaError, composite, load_rgba
 
-IMAGE_SUFFIXES = (".png",)
+IMAGE_SUFFIXES = (".png", PSD_SUFFIX)
 EXAMPLES_PER_REASON = 5
 
 NO_ALPHA = "no alpha channel"
@@ -61,7 +73,8 @@ class WriteReport:
         for reason, count in self.dropped.most_common():
             lines.append(f"  {count:6d}  {reason}, e.g. {', '.join(self.drop_examples[reason])}")
         if self.without_caption:
-            lines.append(f"{self.without_caption} image(s) had no .txt caption and were written with an empty caption")
+            lines.append(f"{self.without_caption} image(s) had no caption (NAME.txt, or NAME.fg.txt for layered "
+                         "sources) and were written with an empty caption")
         return "\n".join(lines)
 
 
@@ -119,6 +132,7 @@ class _Job:
     root: Path
     index: int
     targets: tuple[tuple[int, int], ...]
+    layered: LayeredSource | None = None  # None: a plain RGBA PNG
 
 
 def write_folder(
@@ -130,7 +144,7 @@ def write_folder(
     samples_per_shard: int = 1000,
     workers: int = 1,
 ) -> WriteReport:
-    """Convert every PNG under ``src_dir`` (recursively, sorted) into shards in ``out_dir``.
+    """Convert every PNG (or layered source) under ``src_dir`` (recursively, sorted) into shards in ``out_dir``.
 
     ``size`` gives square ``size x size`` samples unless ``buckets`` (``(w, h)``
     pairs) are given. ``workers`` processes decode, resize and pad in parallel;
@@ -143,22 +157,28 @@ def write_folder(
         raise FileNotFoundError(f"source folder {src} does not exist (expected a folder of RGBA .png files)")
     paths = sorted(path for path in src.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
     if not paths:
-        raise FileNotFoundError(f"no .png files under {src}: the writer reads RGBA PNGs with optional .txt captions")
+        raise FileNotFoundError(f"no .png or .psd files under {src}: the writer reads RGBA PNGs with optional .txt "
+                                "captions, or layered sources (see `python -m data write --help`)")
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise ValueError(f"output folder {out} is inside the source folder {src}; pick an output folder outside it")
     targets = tuple(buckets) if buckets else ((size, size),)
-    jobs = (_Job(path, src, index, targets) for index, path in enumerate(paths))
+    jobs, orphans = _jobs(src, paths, targets)
 
     dropped: Counter = Counter()
     examples: dict[str, list[str]] = defaultdict(list)
     without_caption = 0
+
+    def count(outcome: Dropped) -> None:
+        dropped[outcome.reason] += 1
+        if len(examples[outcome.reason]) < EXAMPLES_PER_REASON:
+            examples[outcome.reason].append(f"{outcome.path} ({outcome.detail})" if outcome.detail else outcome.path)
+
+    for path, detail in orphans:
+        count(Dropped(path.relative_to(src).as_posix(), NO_FOREGROUND, detail))
     with ShardWriter(out, samples_per_shard) as writer:
         for outcome in ordered_parallel_map(_prepare_chunk, jobs, workers=workers, chunk_size=4):
             if isinstance(outcome, Dropped):
-                dropped[outcome.reason] += 1
-                if len(examples[outcome.reason]) < EXAMPLES_PER_REASON:
-                    example = f"{outcome.path} ({outcome.detail})" if outcome.detail else outcome.path
-                    examples[outcome.reason].append(example)
+                count(outcome)
                 continue
             sample, has_caption = outcome
             without_caption += not has_caption
@@ -168,8 +188,27 @@ def write_folder(
             created_by="python -m data write",
             targets=[f"{w}x{h}" for w, h in targets],
             dropped=dict(dropped),
+            layered=any(job.layered is not None for job in jobs),
         )
     return WriteReport(manifest, dropped, examples, without_caption)
+
+
+def _jobs(
+    src: Path, paths: list[Path], targets: tuple[tuple[int, int], ...]
+) -> tuple[list[_Job], list[tuple[Path, str]]]:
+    """One job per plain PNG, or per layered source (with the orphaned layer files) in layered mode."""
+    layered = [path for path in paths if layer_suffix(path)]
+    if not layered:
+        return [_Job(path, src, index, targets) for index, path in enumerate(paths)], []
+    plain = [path for path in paths if not layer_suffix(path)]
+    if plain:
+        raise ValueError(
+            f"{src} mixes layered sources (e.g. {layered[0].relative_to(src)}) with plain RGBA PNGs (e.g. "
+            f"{plain[0].relative_to(src)}); one run writes one kind of shard. Move the plain cut-outs to a folder of "
+            "their own and write it separately, or give each a NAME.bg.png and rename it NAME.fg.png"
+        )
+    sources, orphans = find_layered_sources(layered)
+    return [_Job(source.main, src, index, targets, source) for index, source in enumerate(sources)], orphans
 
 
 def _prepare_chunk(jobs: list[_Job]) -> list[Dropped | tuple[TarSample, bool]]:
@@ -178,10 +217,19 @@ def _prepare_chunk(jobs: list[_Job]) -> list[Dropped | tuple[TarSample, bool]]:
 
 def _prepare(job: _Job) -> Dropped | tuple[TarSample, bool]:
     relative = job.path.relative_to(job.root).as_posix()
+    layers = None
     try:
-        rgba = load_rgba(job.path, name=relative)
-    except MissingAlphaError:
-        return Dropped(relative, NO_ALPHA)
+        if job.layered is None:
+            rgba = load_rgba(job.path, name=relative)
+        else:
+            layers = read_layers(job.layered, job.root)
+            rgba = layers.foreground
+    except MissingAlphaError as error:
+        return Dropped(relative, NO_ALPHA, "" if job.layered is None else str(error))
+    except LayerProblem as problem:
+        return Dropped(relative, problem.reason, str(problem))
+    except UnreadableLayerError as error:
+        return Dropped(relative, UNREADABLE, str(error))
     except Exception as error:  # noqa: BLE001 - any decode failure of one input file is reported, not fatal
         return Dropped(relative, UNREADABLE, f"{type(error).__name__}: {error}")
     original_size = rgba.shape[:2]
@@ -192,21 +240,37 @@ def _prepare(job: _Job) -> Dropped | tuple[TarSample, bool]:
         return Dropped(relative, NO_TRANSPARENT_PIXEL)
     if alpha_levels.max() == 0:
         return Dropped(relative, NO_VISIBLE_PIXEL)
-    caption_path = job.path.with_suffix(".txt")
-    has_caption = caption_path.is_file()
-    try:
-        caption = caption_path.read_text(encoding="utf-8").strip() if has_caption else ""
-    except UnicodeDecodeError as error:
-        return Dropped(relative, CAPTION_NOT_UTF8, str(error))
+    caption_paths = (job.path.with_suffix(".txt"),) if job.layered is None else job.layered.caption_paths()
+    captions = []
+    for path in caption_paths:
+        try:
+            captions.append(path.read_text(encoding="utf-8").strip() if path.is_file() else "")
+        except UnicodeDecodeError as error:
+            return Dropped(relative, CAPTION_NOT_UTF8, f"{path.relative_to(job.root).as_posix()}: {error}")
     sample = LayerSample(
-        key=f"{job.index:08d}_{_slug(job.path.stem)}",
+        key=f"{job.index:08d}_{_slug(job.path.stem if job.layered is None else job.layered.stem.name)}",
         foreground=prepare_foreground(rgba),
-        caption=caption,
+        caption=captions[0],
         original_size=original_size,
         crop_top_left=crop_top_left,
         source=relative,
     )
-    return serialise_sample(encode_sample(sample)), has_caption
+    if layers is not None:
+        sample.background = _resize_opaque(layers.background, width, height)
+        if layers.blend is None:  # from the 8-bit layers as stored, so that it is their "over" up to its own rounding
+            foreground, background = (np.rint(image * 255.0) / 255.0 for image in (sample.foreground, sample.background))
+            sample.blend = composite(foreground[..., :3], foreground[..., 3:], background)
+        else:
+            sample.blend = _resize_opaque(layers.blend, width, height)
+        sample.background_caption, sample.blend_caption = captions[1], captions[2]
+        sample.provenance = {"layers": layers.provenance}
+    return serialise_sample(encode_sample(sample)), caption_paths[0].is_file()
+
+
+def _resize_opaque(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``resize_and_crop`` for an opaque layer: with alpha 1 it takes the same crop as the foreground."""
+    opaque = np.concatenate([rgb, np.ones_like(rgb[..., :1])], axis=-1)
+    return resize_and_crop(opaque, width, height)[0][..., :3]
 
 
 def _slug(stem: str) -> str:
