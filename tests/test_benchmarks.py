@@ -50,3 +50,16 @@ def test_the_framework_overhead_benchmark_runs_both_sides_on_both_paths():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| image shards", "| cached latents"))]
     assert len(rows) == 2 and all("x (" in line for line in rows)
+
+
+@pytest.mark.slow
+def test_the_joint_step_benchmark_times_every_variant_and_pairs_the_ratios():
+    command = [sys.executable, "-m", "benchmarks.joint_step", "--rounds", "1", "--steps", "2", "--warmup", "1",
+               "--batch-size", "2", "--lora-rank", "4", "--no-write"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| single layer", "| 2 layers"))]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == [f"2 layers, `{mode}` sharing" for mode in
+                                                                ("concat", "frame", "none")]
+    assert all("x (" in row and row.rstrip().endswith(("| yes |", "| **no** |")) for row in rows[1:])
+    assert "`concat` adds" in result.stdout and "`frame` adds" in result.stdout
