@@ -33,6 +33,7 @@ from diffusers import UNet2DConditionModel
 from layerdiff.distributed import consolidate_checkpoint
 from layerdiff.formats.checkpoints import read_checkpoint
 from layerdiff.formats.layer_sharing import (
+    LAYER_LORA_SUFFIX,
     LAYER_SHARING_FILENAME,
     RELEASED_JOINT_FILENAME,
     read_joint_checkpoint,
@@ -185,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     layer_sharing = commands.add_parser(
         "layer-sharing",
         help=f"write a JointLayerLoRAModule checkpoint's layer-sharing units as {LAYER_SHARING_FILENAME}, one "
-        f"diffusers LoRA per layer (<layer>.lora.safetensors) and, for SD1.5 frame mode with the layers "
+        f"diffusers LoRA per layer (<layer>{LAYER_LORA_SUFFIX}) and, for SD1.5 frame mode with the layers "
         f"foreground/background/blend, the released {RELEASED_JOINT_FILENAME}",
     )
     consolidate = commands.add_parser(

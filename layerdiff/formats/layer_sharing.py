@@ -89,6 +89,7 @@ class Settings(NamedTuple):
 
 
 def installed_units(unet: UNet2DConditionModel) -> dict[str, LayerSharingUnit]:
+    """The units by attention module name; an error if there are none."""
     units = sharing_units(unet)
     if not units:
         raise ValueError(
@@ -99,6 +100,7 @@ def installed_units(unet: UNet2DConditionModel) -> dict[str, LayerSharingUnit]:
 
 
 def unit_settings(unet: UNet2DConditionModel) -> Settings:
+    """Mode, layer count, LoRA rank and scale of the units."""
     unit = next(iter(installed_units(unet).values()))
     delta = next(module for module in unit.modules() if isinstance(module, LowRankDelta))
     return Settings(unit.mode, unit.layers, delta.down.out_features, delta.scale)
@@ -114,19 +116,14 @@ def _is_up(param: str) -> bool:
 def _slots(unet: UNet2DConditionModel, file_key: FileKey) -> dict[str, tuple[float, str, torch.Tensor]]:
     """file key -> (the unit's LoRA scale, unit parameter name, the parameter itself)."""
     scale = unit_settings(unet).scale
-    return {
-        file_key(module, param): (scale, param, tensor)
-        for module, unit in installed_units(unet).items()
-        for param, tensor in unit.state_dict(keep_vars=True).items()
-    }
+    return {file_key(module, param): (scale, param, tensor) for module, unit in installed_units(unet).items()
+            for param, tensor in unit.state_dict(keep_vars=True).items()}
 
 
 def _export(unet: UNet2DConditionModel, file_key: FileKey) -> dict[str, torch.Tensor]:
     """The units' parameters under ``file_key``, the LoRA scale folded into the up factors."""
-    return {
-        key: (tensor * scale if _is_up(param) else tensor).detach()
-        for key, (scale, param, tensor) in _slots(unet, file_key).items()
-    }
+    return {key: (tensor * scale if _is_up(param) else tensor).detach()
+            for key, (scale, param, tensor) in _slots(unet, file_key).items()}
 
 
 def _import(
@@ -141,11 +138,8 @@ def _import(
     missing or unexpected key or other shape is an error naming ``source``, nothing is set."""
     slots = _slots(unet, file_key)
     missing, unexpected = sorted(set(slots) - set(tensors)), sorted(set(tensors) - set(slots))
-    reshaped = [
-        f"{key} {tuple(tensors[key].shape)} (units: {tuple(slot[2].shape)})"
-        for key, slot in slots.items()
-        if key in tensors and tensors[key].shape != slot[2].shape
-    ]
+    reshaped = [f"{key} {tuple(tensors[key].shape)} (units: {tuple(slot[2].shape)})" for key, slot in slots.items()
+                if key in tensors and tensors[key].shape != slot[2].shape]
     if missing or unexpected or reshaped:
         raise ValueError(
             f"{source} does not fit the UNet's layer-sharing units: {len(missing)} keys missing {missing[:3]}, "
@@ -153,8 +147,7 @@ def _import(
         )
     with torch.no_grad():
         for key, (scale, param, tensor) in slots.items():
-            value = tensors[key].to(torch.float32)
-            tensor.copy_(value / scale if folded and _is_up(param) else value)
+            tensor.copy_(tensors[key].float() / scale if folded and _is_up(param) else tensors[key])
 
 
 def _write(path: str | PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], dtype) -> Path:
@@ -377,9 +370,11 @@ def read_joint_checkpoint(
     read = read_unet_checkpoint(checkpoint, use_ema, base_model)
     wanted = ("layers", "attention_sharing", "lora_rank")
     found = {name: find_hyperparameter(read.hyperparameters, name) for name in wanted}
-    if any(value is None for value in found.values()):
-        raise ValueError(f"{checkpoint}: no hyper-parameters {[name for name in wanted if found[name] is None]}; "
-                         "is it a JointLayerLoRAModule checkpoint?")
+    names = found["layers"]
+    if any(value is None for value in found.values()) or isinstance(names, str) or not all(
+            isinstance(name, str) for name in names):
+        raise ValueError(f"{checkpoint}: hyper-parameters {wanted} (layers: a list of layer names) are not all there "
+                         f"({found}); is it a JointLayerLoRAModule checkpoint?")
     marker = ".processor."
     weights = {key: tensor for key, tensor in read.unet_state.items() if marker in key}
     if not weights:
@@ -388,11 +383,13 @@ def read_joint_checkpoint(
     config = load_component(
         UNet2DConditionModel.load_config, read.base_model, "unet", MODEL_CONFIG_FILE, read.base_revision
     )
-    with torch.device("meta"):
+    layer_names, alpha = list(names), find_hyperparameter(read.hyperparameters, "lora_alpha")
+    with torch.device("meta"):  # no base weights, and no initialisation of units about to be overwritten
         unet = UNet2DConditionModel.from_config(config)
-    layer_names = list(found["layers"])
-    alpha = find_hyperparameter(read.hyperparameters, "lora_alpha")
-    add_layer_sharing(unet, len(layer_names), found["attention_sharing"], found["lora_rank"], alpha, projections)
+        units = add_layer_sharing(unet, len(layer_names), found["attention_sharing"], found["lora_rank"], alpha,
+                                  projections)
+    for unit in units.values():
+        unit.to_empty(device="cpu")
     hint = (f"Do the hyper-parameters (layers {layer_names}, lora_rank {found['lora_rank']}) and the base model "
             f"{read.base_model} match the weights? Pass --base-model if it was another.")
     _import(unet, lambda module, param: f"{module}{marker}{param}", weights, str(checkpoint), hint, folded=False)
