@@ -371,7 +371,7 @@ def read_joint_checkpoint(
     wanted = ("layers", "attention_sharing", "lora_rank")
     found = {name: find_hyperparameter(read.hyperparameters, name) for name in wanted}
     names = found["layers"]
-    if any(value is None for value in found.values()) or isinstance(names, str) or not all(
+    if any(value is None for value in found.values()) or not isinstance(names, (list, tuple)) or not all(
             isinstance(name, str) for name in names):
         raise ValueError(f"{checkpoint}: hyper-parameters {wanted} (layers: a list of layer names) are not all there "
                          f"({found}); is it a JointLayerLoRAModule checkpoint?")
