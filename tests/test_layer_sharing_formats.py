@@ -286,3 +286,25 @@ def test_export_cli_names_a_checkpoint_that_does_not_fit(base_states, tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {"base_model": str(base_model)}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match=r"no 'unet\.\*' weights"):
         main(["layer-sharing", "--checkpoint", str(tmp_path / "other.ckpt"), "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.slow
+def test_export_cli_reads_a_joint_layer_lora_module_checkpoint(tiny_sdxl, tiny_transparent_vae, tmp_path):
+    from layerdiff.modules import JointLayerLoRAModule
+
+    module = JointLayerLoRAModule(transparent_vae=str(tiny_transparent_vae), base_model=str(tiny_sdxl), layers=LAYERS,
+                                  attention_sharing="frame", lora_rank=RANK, lora_alpha=ALPHA)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in (p for unit in sharing_units(module.unet).values() for p in unit.parameters()):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)  # the lean checkpoint Lightning writes: trained weights only
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+
+    out = tmp_path / "out"
+    assert main(["layer-sharing", "--checkpoint", str(tmp_path / "last.ckpt"), "--out", str(out)]) == 0
+    fresh = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet").eval()
+    add_layer_sharing(fresh, len(LAYERS), "frame", RANK)  # another alpha: the files hold the scale
+    load_layer_sharing(fresh, out / LAYER_SHARING_FILENAME, LAYERS)
+    torch.testing.assert_close(output(fresh, 3 * SAMPLES), output(module.unet.eval(), 3 * SAMPLES), rtol=0, atol=1e-6)
