@@ -5,12 +5,16 @@ other tools read (the formats themselves live in :mod:`layerdiff.formats`)::
         [--no-ema]
     python -m layerdiff.export lora --checkpoint last.ckpt --out DIR [--format all] [--dtype fp16] [--no-ema]
     python -m layerdiff.export unet --checkpoint last.ckpt --out DIR [--dtype fp16] [--no-ema]
+    python -m layerdiff.export layer-sharing --checkpoint last.ckpt --out DIR [--dtype fp16] [--no-ema]
     python -m layerdiff.export consolidate --checkpoint last.ckpt --out last-full.ckpt
 
 ``transparent-vae`` writes the encoder and decoder files of each released flavour
 (:mod:`layerdiff.formats.layerdiffuse_vae`); ``lora`` the UNet LoRA in the diffusers/peft,
 Forge/ComfyUI-layerdiffuse and ComfyUI (kohya) layouts (:mod:`layerdiff.formats.lora`);
-``unet`` the fine-tuned UNet as a diffusers folder (:mod:`layerdiff.formats.unet`).
+``unet`` the fine-tuned UNet as a diffusers folder (:mod:`layerdiff.formats.unet`);
+``layer-sharing`` a joint-layer checkpoint's units in layerdiff's layout, one diffusers LoRA per
+layer and, for SD1.5 frame mode with the released three layers, the released
+``layer_sd15_joint.safetensors`` (:mod:`layerdiff.formats.layer_sharing`).
 ``consolidate`` turns a sharded checkpoint folder into one single-file Lightning checkpoint:
 what ``load_from_checkpoint`` reads and a DDP or single-device run resumes from. Checkpoints are
 ``.ckpt`` files or sharded folders; the run's EMA weights are exported when it kept an EMA.
@@ -28,6 +32,16 @@ from diffusers import UNet2DConditionModel
 
 from layerdiff.distributed import consolidate_checkpoint
 from layerdiff.formats.checkpoints import read_checkpoint
+from layerdiff.formats.layer_sharing import (
+    LAYER_LORA_SUFFIX,
+    LAYER_SHARING_FILENAME,
+    RELEASED_JOINT_FILENAME,
+    read_joint_checkpoint,
+    released_joint_problem,
+    save_layer_loras,
+    save_layer_sharing,
+    save_released_joint,
+)
 from layerdiff.formats.layerdiffuse_vae import (
     FLAVOURS,
     RELEASED_DECODER_CONFIG,
@@ -117,6 +131,28 @@ def export_lora_checkpoint(
     return paths
 
 
+def export_layer_sharing_checkpoint(
+    checkpoint: str | PathLike,
+    out_dir: str | PathLike,
+    dtype: torch.dtype = torch.float32,
+    use_ema: bool = True,
+    base_model: str | None = None,
+) -> list[Path]:
+    """A joint-layer checkpoint's units in layerdiff's layout, each layer's LoRA for diffusers
+    and, where the units fit it, the released SD1.5 joint file."""
+    read = read_joint_checkpoint(checkpoint, use_ema, base_model)
+    out_dir = Path(out_dir)
+    paths = [save_layer_sharing(out_dir / LAYER_SHARING_FILENAME, read.unet, read.layer_names, read.hyperparameters, dtype)]
+    paths += save_layer_loras(out_dir, read.unet, read.layer_names, read.hyperparameters, dtype)
+    problem = released_joint_problem(read.unet, read.layer_names)
+    if problem is None:
+        paths.append(save_released_joint(out_dir / RELEASED_JOINT_FILENAME, read.unet, read.layer_names,
+                                         read.hyperparameters, dtype))
+    else:
+        print(f"note: no {RELEASED_JOINT_FILENAME}: {problem}")
+    return paths
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m layerdiff.export", description="Export trained layerdiff weights into released formats."
@@ -147,6 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="write the fine-tuned UNet (a LoRA checkpoint: base UNet with the LoRA fused in) as a diffusers "
         "UNet folder that UNet2DConditionModel.from_pretrained loads",
     )
+    layer_sharing = commands.add_parser(
+        "layer-sharing",
+        help=f"write a JointLayerLoRAModule checkpoint's layer-sharing units as {LAYER_SHARING_FILENAME}, one "
+        f"diffusers LoRA per layer (<layer>{LAYER_LORA_SUFFIX}) and, for SD1.5 frame mode with the layers "
+        f"foreground/background/blend, the released {RELEASED_JOINT_FILENAME}",
+    )
     consolidate = commands.add_parser(
         "consolidate",
         help="write a sharded (FSDP2) checkpoint folder as one single-file Lightning checkpoint, which "
@@ -154,14 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     consolidate.add_argument("--checkpoint", required=True, type=Path, help="sharded checkpoint folder")
     consolidate.add_argument("--out", required=True, type=Path, help="the .ckpt file to write")
-    for command in (transparent, lora, unet):
+    for command in (transparent, lora, unet, layer_sharing):
         command.add_argument("--checkpoint", required=True, type=Path, help="Lightning .ckpt file or sharded folder")
         command.add_argument("--out", required=True, type=Path, help="output folder")
         command.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="tensor dtype in the files")
         command.add_argument(
             "--no-ema", dest="use_ema", action="store_false", help="export the raw weights even if the run kept an EMA"
         )
-    for command in (lora, unet):
+    for command in (lora, unet, layer_sharing):
         command.add_argument(
             "--base-model",
             help="base model (hub id or folder) to read the UNet from, instead of the checkpoint's base_model "
@@ -178,6 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         formats = LORA_FORMATS[args.format]
         paths = export_lora_checkpoint(
             args.checkpoint, args.out, formats, DTYPES[args.dtype], use_ema=args.use_ema, base_model=args.base_model
+        )
+    elif args.command == "layer-sharing":
+        paths = export_layer_sharing_checkpoint(
+            args.checkpoint, args.out, DTYPES[args.dtype], use_ema=args.use_ema, base_model=args.base_model
         )
     else:
         read = read_unet_checkpoint(args.checkpoint, args.use_ema, args.base_model)

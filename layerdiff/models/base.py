@@ -12,7 +12,7 @@ found raises ``BaseModelNotFoundError`` saying how to fix it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -343,6 +343,11 @@ def detect_architecture(
     unet_config = load_component(
         UNet2DConditionModel.load_config, pretrained, "unet", MODEL_CONFIG_FILE, revision
     )
+    return unet_architecture(unet_config)
+
+
+def unet_architecture(unet_config: Mapping[str, Any]) -> Architecture:
+    """``"sdxl"`` for a UNet config with SDXL's pooled-text + size/crop condition, else ``"sd15"``."""
     return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd15"
 
 

@@ -1,0 +1,396 @@
+"""The weights of jointly denoised layers (:mod:`layerdiff.models.layer_sharing`) in the files
+that read them: the released SD1.5 joint model's layout, layerdiff's own layout for every
+other setup, and one diffusers/peft LoRA per layer.
+
+In every file the up factors hold the LoRA scale (``up * alpha / rank``, the released units
+compute ``W + up @ down``), so a file loads into units of any alpha and means the same.
+
+Layouts:
+
+* **released** (``layer_sd15_joint.safetensors``, read by the released
+  ``AttentionSharingPatcher(unet, frames=3, use_control=False).load_state_dict(sd, strict=True)``):
+  SD1.5 frame mode only. Keys ``hookers.layers.{i}.{param}``, ``i`` the index of the unit's
+  attention module in the released order (``input_blocks.{1,2,4,5,7,8}.1``,
+  ``output_blocks.3..11.1``, ``middle_block.1``; attn1 then attn2 of ``transformer_blocks.0``,
+  :data:`RELEASED_SD15_BLOCKS`), ``param`` the unit's own name: ``to_{q,k,v,out}_lora.{f}.{down,up}.weight``
+  with ``f`` the frame (foreground, background, blend), ``temporal_{i,q,k,v,o,n}.{weight,bias}``.
+  No metadata is needed to read it.
+* **layerdiff** (:data:`LAYER_SHARING_FILENAME`): any base UNet, mode and layer count. Keys
+  ``layer_sharing.{diffusers attention module}.{param}``, e.g.
+  ``layer_sharing.mid_block.attentions.0.transformer_blocks.0.attn1.to_q_lora.1.up.weight``;
+  ``param`` as above (the temporal parameters in frame mode only), ``{f}`` the layer's index in
+  ``layers``. The safetensors metadata :data:`METADATA_KEY` holds JSON ``{"mode", "layers"``
+  (names, in index order)``, "rank", "alpha", "architecture"}`` (alpha the training value,
+  already folded), next to the provenance keys of :mod:`layerdiff.formats.provenance`.
+* **per-layer LoRA** (``{layer}`` + :data:`LAYER_LORA_SUFFIX`): one layer's LoRA alone, written by
+  :func:`layerdiff.formats.lora.save_diffusers_lora` (keys ``unet.{module}.to_q.lora.down.weight``,
+  ...), so ``load_lora_weights(folder, weight_name=...)`` puts it on a plain UNet: the model
+  with that layer's LoRA and no sharing (what ``none`` mode computes for that layer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file, save
+
+from layerdiff.files import fsync_directory, write_atomically
+from layerdiff.formats.checkpoints import find_hyperparameter
+from layerdiff.formats.lora import Lora, LoraFactors, save_diffusers_lora
+from layerdiff.formats.provenance import provenance, read_metadata, tensors_for_file
+from layerdiff.formats.unet import read_unet_checkpoint
+from layerdiff.formats.unet_names import ldm_attention_prefixes
+from layerdiff.models.base import MODEL_CONFIG_FILE, SD15_UNET_CONFIG, load_component, unet_architecture
+from layerdiff.models.layer_sharing import (
+    PROJECTIONS,
+    LayerSharingUnit,
+    LowRankDelta,
+    add_layer_sharing,
+    sharing_units,
+)
+
+RELEASED_JOINT_FILENAME = "layer_sd15_joint.safetensors"
+RELEASED_JOINT_FRAMES = ("foreground", "background", "blend")
+RELEASED_PREFIX = "hookers.layers."
+RELEASED_SD15_BLOCKS = (
+    *(f"input_blocks.{block}.1" for block in (1, 2, 4, 5, 7, 8)),
+    *(f"output_blocks.{block}.1" for block in range(3, 12)),
+    "middle_block.1",
+)
+LAYER_SHARING_FILENAME = "layerdiff_layer_sharing.safetensors"
+LAYER_SHARING_PREFIX = "layer_sharing."
+METADATA_KEY = "layerdiff.layer_sharing"
+LAYER_LORA_SUFFIX = ".lora.safetensors"
+COMPONENT = "unet_layer_sharing"
+# The linear layer each projection's LoRA adapts, as diffusers names it inside the attention module.
+ADAPTED_LINEARS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_FRAME_PARAM = re.compile(r"(?P<projection>to_\w+_lora)\.(?P<layer>\d+)\.(?P<rest>.+)")
+
+FileKey = Callable[[str, str], str]  # (attention module, unit parameter) -> key in a file
+
+
+class Settings(NamedTuple):
+    """What the units of one UNet were built with (all alike, as ``add_layer_sharing`` builds them)."""
+
+    mode: str
+    layers: int
+    rank: int
+    scale: float
+
+
+def installed_units(unet: UNet2DConditionModel) -> dict[str, LayerSharingUnit]:
+    """The units by attention module name; an error if there are none."""
+    units = sharing_units(unet)
+    if not units:
+        raise ValueError(
+            "the UNet has no layer-sharing units; install them first with "
+            "layerdiff.models.layer_sharing.add_layer_sharing(unet, layers, mode, rank, alpha)"
+        )
+    return units
+
+
+def unit_settings(unet: UNet2DConditionModel) -> Settings:
+    """Mode, layer count, LoRA rank and scale of the units."""
+    unit = next(iter(installed_units(unet).values()))
+    delta = next(module for module in unit.modules() if isinstance(module, LowRankDelta))
+    return Settings(unit.mode, unit.layers, delta.down.out_features, delta.scale)
+
+
+# -- the one mechanism: unit parameters under file keys, out and (strictly) in -------------------
+
+
+def _is_up(param: str) -> bool:
+    return param.endswith(".up.weight")
+
+
+def _slots(unet: UNet2DConditionModel, file_key: FileKey) -> dict[str, tuple[float, str, torch.Tensor]]:
+    """file key -> (the unit's LoRA scale, unit parameter name, the parameter itself)."""
+    scale = unit_settings(unet).scale
+    return {file_key(module, param): (scale, param, tensor) for module, unit in installed_units(unet).items()
+            for param, tensor in unit.state_dict(keep_vars=True).items()}
+
+
+def _export(unet: UNet2DConditionModel, file_key: FileKey) -> dict[str, torch.Tensor]:
+    """The units' parameters under ``file_key``, the LoRA scale folded into the up factors."""
+    return {key: (tensor * scale if _is_up(param) else tensor).detach()
+            for key, (scale, param, tensor) in _slots(unet, file_key).items()}
+
+
+def _import(
+    unet: UNet2DConditionModel,
+    file_key: FileKey,
+    tensors: Mapping[str, torch.Tensor],
+    source: str,
+    hint: str,
+    folded: bool = True,
+) -> None:
+    """Set every unit parameter from ``tensors`` (its up factors scaled when ``folded``); any
+    missing or unexpected key or other shape is an error naming ``source``, nothing is set."""
+    slots = _slots(unet, file_key)
+    missing, unexpected = sorted(set(slots) - set(tensors)), sorted(set(tensors) - set(slots))
+    reshaped = [f"{key} {tuple(tensors[key].shape)} (units: {tuple(slot[2].shape)})" for key, slot in slots.items()
+                if key in tensors and tensors[key].shape != slot[2].shape]
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"{source} does not fit the UNet's layer-sharing units: {len(missing)} keys missing {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}, {len(reshaped)} of another shape {reshaped[:3]}. {hint}"
+        )
+    with torch.no_grad():
+        for key, (scale, param, tensor) in slots.items():
+            tensor.copy_(tensors[key].float() / scale if folded and _is_up(param) else tensors[key])
+
+
+def _write(path: str | PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], dtype) -> Path:
+    """A safetensors file written whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, save(tensors_for_file(tensors, dtype), metadata=metadata))
+    return path
+
+
+def _read(path: str | PathLike) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"layer-sharing file not found: {path}")
+    return load_file(path)
+
+
+# -- the released SD1.5 joint layout --------------------------------------------------------------
+
+
+def released_sd15_modules() -> list[str]:
+    """The diffusers names of the released units' attention modules, in the released order."""
+    to_diffusers = {ldm: name for name, ldm in ldm_attention_prefixes(SD15_UNET_CONFIG).items()}
+    return [f"{to_diffusers[block]}.transformer_blocks.0.{attn}" for block in RELEASED_SD15_BLOCKS
+            for attn in ("attn1", "attn2")]
+
+
+def released_joint_problem(unet: UNet2DConditionModel, layer_names: Sequence[str] | None = None) -> str | None:
+    """Why the units cannot be in the released layout, or None if they can. ``layer_names``,
+    if given, must be the released frames in some order."""
+    settings, units = unit_settings(unet), installed_units(unet)
+    instead = "use save_layer_sharing (layerdiff's layer-sharing layout) instead"
+    if settings.mode != "frame":
+        return f"the released layout holds frame-mode units; these are in {settings.mode!r} mode: {instead}"
+    released = released_sd15_modules()
+    if set(units) != set(released):
+        other = sorted(set(units) ^ set(released))
+        return (f"the released layout is SD1.5's {len(released)} attention modules; this UNet has {len(units)} "
+                f"(e.g. not both in it and in SD1.5: {other[:2]}), it is not SD1.5-shaped: {instead}")
+    adapted = [name for name in PROJECTIONS if hasattr(next(iter(units.values())), f"{name}_lora")]
+    if adapted != list(PROJECTIONS):
+        return f"the released units adapt all of {PROJECTIONS}; these adapt only {adapted}: {instead}"
+    if layer_names is not None and sorted(layer_names) != sorted(RELEASED_JOINT_FRAMES):
+        return (f"the released frames are {RELEASED_JOINT_FRAMES}; the layers are {list(layer_names)}: rename them, "
+                f"or {instead}")
+    return None
+
+
+def _released_key(unet: UNet2DConditionModel, layer_names: Sequence[str] | None) -> FileKey:
+    problem = released_joint_problem(unet, layer_names)
+    if problem:
+        raise ValueError(problem)
+    index = {module: i for i, module in enumerate(released_sd15_modules())}
+    frame = list(range(unit_settings(unet).layers)) if layer_names is None else [
+        RELEASED_JOINT_FRAMES.index(name) for name in layer_names]
+
+    def file_key(module: str, param: str) -> str:
+        match = _FRAME_PARAM.fullmatch(param)
+        if match:
+            param = f"{match['projection']}.{frame[int(match['layer'])]}.{match['rest']}"
+        return f"{RELEASED_PREFIX}{index[module]}.{param}"
+
+    return file_key
+
+
+def released_joint_state(unet: UNet2DConditionModel, layer_names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The units in the released ``layer_sd15_joint`` layout (frames = the units' layers, in
+    their order, or reordered to foreground, background, blend when ``layer_names`` is given)."""
+    return _export(unet, _released_key(unet, layer_names))
+
+
+def save_released_joint(path: str | PathLike, unet: UNet2DConditionModel, layer_names: Sequence[str] | None = None,
+                        metadata: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    return _write(path, released_joint_state(unet, layer_names), provenance(COMPONENT, metadata), dtype)
+
+
+def load_released_joint(
+    unet: UNet2DConditionModel,
+    path_or_state: str | PathLike | Mapping[str, torch.Tensor],
+    layer_names: Sequence[str] | None = None,
+) -> None:
+    """Initialise the units from a released-layout file (or its state dict), e.g. the released
+    ``layer_sd15_joint.safetensors``; its frames must be the units' layers."""
+    is_state = isinstance(path_or_state, Mapping)
+    source = "the given released-layout state dict" if is_state else str(path_or_state)
+    tensors = dict(path_or_state) if is_state else _read(path_or_state)
+    file_key, settings = _released_key(unet, layer_names), unit_settings(unet)
+    first = f"{RELEASED_PREFIX}0.to_q_lora."
+    frames = {key[len(first):].split(".")[0] for key in tensors if key.startswith(first)}
+    if len(frames) != settings.layers:
+        raise ValueError(f"{source} holds {len(frames)} frames; the units denoise {settings.layers} layers. "
+                         f"Install add_layer_sharing(unet, {len(frames)}, 'frame', ...) to load it.")
+    down = tensors.get(f"{first}0.down.weight")
+    if down is not None and down.shape[0] != settings.rank:
+        raise ValueError(f"{source} holds rank-{down.shape[0]} LoRAs; the units are rank {settings.rank}. "
+                         f"Install the units with rank={down.shape[0]} (the released file is rank 256).")
+    _import(unet, file_key, tensors, source, "Is it a released SD1.5 attention-sharing file without control?")
+
+
+# -- layerdiff's layer-sharing layout ----------------------------------------------------------------
+
+
+def _own_key(module: str, param: str) -> str:
+    return f"{LAYER_SHARING_PREFIX}{module}.{param}"
+
+
+def _check_layer_names(layer_names: Sequence[str], layers: int) -> list[str]:
+    names = list(layer_names)
+    if len(names) != layers or len(set(names)) != layers:
+        raise ValueError(f"need {layers} distinct layer names, one per layer of the units; got {names}")
+    unsafe = [name for name in names if not re.fullmatch(r"[\w.-]+", name) or name.startswith(".")]
+    if unsafe:
+        raise ValueError(f"layer names become file names: use letters, digits, '_', '-', '.' only; got {unsafe}")
+    return names
+
+
+def save_layer_sharing(
+    path: str | PathLike,
+    unet: UNet2DConditionModel,
+    layer_names: Sequence[str],
+    metadata: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write the units in layerdiff's layout; ``metadata`` is the training configuration."""
+    settings = unit_settings(unet)
+    layout = {
+        "mode": settings.mode,
+        "layers": _check_layer_names(layer_names, settings.layers),
+        "rank": settings.rank,
+        "alpha": settings.scale * settings.rank,
+        "architecture": unet_architecture(unet.config),
+    }
+    file_metadata = {**provenance(COMPONENT, metadata), METADATA_KEY: json.dumps(layout)}
+    return _write(path, _export(unet, _own_key), file_metadata, dtype)
+
+
+def load_layer_sharing(
+    unet: UNet2DConditionModel, path: str | PathLike, layer_names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Set the units from a layerdiff layer-sharing file, which must match them (mode, layer
+    count and, if given, ``layer_names``, rank, base architecture); returns the file's layout."""
+    tensors = _read(path)
+    encoded = read_metadata(path).get(METADATA_KEY)
+    if encoded is None:
+        raise ValueError(f"{path} has no '{METADATA_KEY}' metadata, so it is not a layerdiff layer-sharing file; "
+                         f"read a released {RELEASED_JOINT_FILENAME} with load_released_joint")
+    layout, settings = json.loads(encoded), unit_settings(unet)
+    ours = {"mode": settings.mode, "layers": settings.layers, "rank": settings.rank,
+            "architecture": unet_architecture(unet.config)}
+    theirs = {**layout, "layers": len(layout["layers"])}
+    if layer_names is not None:
+        ours["layers"], theirs["layers"] = list(layer_names), layout["layers"]
+    differing = {name: (theirs.get(name), value) for name, value in ours.items() if theirs.get(name) != value}
+    if differing:
+        described = "; ".join(f"{name}: {file} in the file, {units} in the UNet" for name, (file, units) in
+                              differing.items())
+        raise ValueError(f"{path} was written for other layer-sharing units ({described}); install the units as "
+                         "the file says (add_layer_sharing) or export again")
+    _import(unet, _own_key, tensors, str(path), "Was it written for another base model?")
+    return layout
+
+
+# -- one diffusers/peft LoRA per layer -------------------------------------------------------------
+
+
+def layer_lora(unet: UNet2DConditionModel, layer: int) -> Lora:
+    """Layer ``layer``'s LoRA factors, by the diffusers path of the linear layer each adapts."""
+    lora = {}
+    for module, unit in installed_units(unet).items():
+        for projection, linear in ADAPTED_LINEARS.items():
+            deltas = getattr(unit, f"{projection}_lora", None)
+            if deltas is not None:
+                delta = deltas[layer]
+                lora[f"{module}.{linear}"] = LoraFactors(
+                    up=(delta.up.weight * delta.scale).detach(), down=delta.down.weight.detach())
+    return lora
+
+
+def save_layer_loras(
+    out_dir: str | PathLike,
+    unet: UNet2DConditionModel,
+    layer_names: Sequence[str],
+    metadata: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> list[Path]:
+    """Write ``{layer}.lora.safetensors`` per layer into ``out_dir``: each written by diffusers in
+    a hidden staging folder, then renamed into place whole."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for layer, name in enumerate(_check_layer_names(layer_names, unit_settings(unet).layers)):
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=out_dir))
+        try:
+            written = save_diffusers_lora(layer_lora(unet, layer), staging, metadata, dtype)
+            paths.append(out_dir / f"{name}{LAYER_LORA_SUFFIX}")
+            os.replace(written, paths[-1])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    fsync_directory(out_dir)
+    return paths
+
+
+# -- units out of a training checkpoint -----------------------------------------------------------
+
+
+class JointCheckpoint(NamedTuple):
+    """The units of a joint-layer checkpoint, installed on its base UNet (built on the meta
+    device: the base weights are not read), and what they were trained with."""
+
+    unet: UNet2DConditionModel
+    layer_names: list[str]
+    hyperparameters: dict[str, Any]
+
+
+def read_joint_checkpoint(
+    checkpoint: str | PathLike, use_ema: bool = True, base_model: str | None = None
+) -> JointCheckpoint:
+    """The layer-sharing units of a ``JointLayerLoRAModule`` checkpoint: ``unet.*.processor.*``
+    weights, hyper-parameters ``layers`` (names), ``attention_sharing``, ``lora_rank``,
+    ``lora_alpha`` and ``base_model`` (replaced by ``base_model`` if given)."""
+    read = read_unet_checkpoint(checkpoint, use_ema, base_model)
+    wanted = ("layers", "attention_sharing", "lora_rank")
+    found = {name: find_hyperparameter(read.hyperparameters, name) for name in wanted}
+    names = found["layers"]
+    if any(value is None for value in found.values()) or not isinstance(names, (list, tuple)) or not all(
+            isinstance(name, str) for name in names):
+        raise ValueError(f"{checkpoint}: hyper-parameters {wanted} (layers: a list of layer names) are not all there "
+                         f"({found}); is it a JointLayerLoRAModule checkpoint?")
+    marker = ".processor."
+    weights = {key: tensor for key, tensor in read.unet_state.items() if marker in key}
+    if not weights:
+        raise ValueError(f"{checkpoint}: no layer-sharing weights ('unet.<attention module>{marker}*')")
+    projections = [name for name in PROJECTIONS if any(f"{marker}{name}_lora." in key for key in weights)]
+    config = load_component(
+        UNet2DConditionModel.load_config, read.base_model, "unet", MODEL_CONFIG_FILE, read.base_revision
+    )
+    layer_names, alpha = list(names), find_hyperparameter(read.hyperparameters, "lora_alpha")
+    with torch.device("meta"):  # no base weights, and no initialisation of units about to be overwritten
+        unet = UNet2DConditionModel.from_config(config)
+        units = add_layer_sharing(unet, len(layer_names), found["attention_sharing"], found["lora_rank"], alpha,
+                                  projections)
+    for unit in units.values():
+        unit.to_empty(device="cpu")
+    hint = (f"Do the hyper-parameters (layers {layer_names}, lora_rank {found['lora_rank']}) and the base model "
+            f"{read.base_model} match the weights? Pass --base-model if it was another.")
+    _import(unet, lambda module, param: f"{module}{marker}{param}", weights, str(checkpoint), hint, folded=False)
+    return JointCheckpoint(unet, layer_names, read.hyperparameters)
