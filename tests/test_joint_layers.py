@@ -170,3 +170,16 @@ def test_a_layered_recipe_on_single_layer_shards_says_how_to_fix_it(parts, shard
                           "--trainer.max_steps=1", check=False)
     assert result.returncode != 0
     assert "bg.png" in result.stderr and "require_layers" in result.stderr
+
+
+def test_training_can_start_from_a_layer_sharing_file_in_either_layout(parts, tmp_path):
+    from layerdiff.formats.layer_sharing import save_layer_sharing
+
+    source = trained_looking(make_module(parts, attention_sharing="frame"))
+    path = save_layer_sharing(tmp_path / "units.safetensors", source.unet, LAYERS)
+    started = make_module(parts, attention_sharing="frame", init_from=str(path))
+    expected = {key: value for key, value in source.unet.state_dict().items() if ".processor." in key}
+    for key, value in expected.items():
+        torch.testing.assert_close(started.unet.state_dict()[key], value, msg=key)
+    with pytest.raises(ValueError, match="mode: frame in the file, concat in the UNet"):
+        make_module(parts, attention_sharing="concat", init_from=str(path))

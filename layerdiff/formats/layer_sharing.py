@@ -285,14 +285,15 @@ def save_layer_sharing(
 
 def load_layer_sharing(
     unet: UNet2DConditionModel, path: str | PathLike, layer_names: Sequence[str] | None = None
-) -> dict[str, Any]:
-    """Set the units from a layerdiff layer-sharing file, which must match them (mode, layer
-    count and, if given, ``layer_names``, rank, base architecture); returns the file's layout."""
+) -> dict[str, Any] | None:
+    """Set the units from a layerdiff layer-sharing file (or an export folder holding one), which
+    must match them (mode, layer count and, if given, ``layer_names``, rank, base architecture),
+    and return its layout; a file without our metadata is read as the released layout."""
+    path = Path(path) / LAYER_SHARING_FILENAME if Path(path).is_dir() else path
     tensors = _read(path)
     encoded = read_metadata(path).get(METADATA_KEY)
     if encoded is None:
-        raise ValueError(f"{path} has no '{METADATA_KEY}' metadata, so it is not a layerdiff layer-sharing file; "
-                         f"read a released {RELEASED_JOINT_FILENAME} with load_released_joint")
+        return load_released_joint(unet, tensors, layer_names)
     layout, settings = json.loads(encoded), unit_settings(unet)
     ours = {"mode": settings.mode, "layers": settings.layers, "rank": settings.rank,
             "architecture": unet_architecture(unet.config)}
@@ -394,3 +395,4 @@ def read_joint_checkpoint(
             f"{read.base_model} match the weights? Pass --base-model if it was another.")
     _import(unet, lambda module, param: f"{module}{marker}{param}", weights, str(checkpoint), hint, folded=False)
     return JointCheckpoint(unet, layer_names, read.hyperparameters)
+

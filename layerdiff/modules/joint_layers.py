@@ -11,6 +11,7 @@ import torch
 
 from layerdiff import diffusion
 from layerdiff.batches import Layer, LayeredBatch
+from layerdiff.formats.layer_sharing import load_layer_sharing
 from layerdiff.models import codec
 from layerdiff.models.base import load_unet
 from layerdiff.models.layer_sharing import PROJECTIONS, SharingMode, add_layer_sharing
@@ -52,6 +53,10 @@ class JointLayerLoRAModule(DiffusionObjective):
         lora_rank: rank of each layer's LoRA (the paper: 256).
         lora_alpha: LoRA scale numerator (scale = alpha / rank); defaults to the rank, as released.
         lora_projections: attention projections adapted, in self- and cross-attention.
+        init_from: a layer-sharing file to start the units from: the released
+            ``layer_sd15_joint.safetensors`` or ``python -m layerdiff.export layer-sharing``'s
+            ``layerdiff_layer_sharing.safetensors`` (or its folder); it must fit the units (mode,
+            layers, rank).
         prediction_type: ``epsilon`` or ``v_prediction``; ``None`` keeps the base model's.
         min_snr_gamma: Min-SNR-gamma loss weighting; ``None`` = off.
         noise_offset: scale of per-channel offset noise (0 = off).
@@ -80,6 +85,7 @@ class JointLayerLoRAModule(DiffusionObjective):
         lora_rank: int = 256,
         lora_alpha: float | None = None,
         lora_projections: tuple[str, ...] = PROJECTIONS,
+        init_from: str | None = None,
         prediction_type: Literal["epsilon", "v_prediction"] | None = None,
         min_snr_gamma: float | None = None,
         noise_offset: float = 0.0,
@@ -111,6 +117,8 @@ class JointLayerLoRAModule(DiffusionObjective):
         unet_source = {"pretrained": base_unet, "subfolder": None} if base_unet else {"pretrained": base_model}
         self.unet = load_unet(**unet_source, revision=None if base_unet else base_revision).train()
         add_layer_sharing(self.unet, len(layers), attention_sharing, lora_rank, lora_alpha, lora_projections)
+        if init_from is not None:
+            load_layer_sharing(self.unet, init_from, layers)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self._generator: JointLayerGenerator | None = None
