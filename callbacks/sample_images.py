@@ -99,11 +99,14 @@ class TransparentSamples(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(
-                    key="samples", images=[to_uint8_hwc(grid)], caption=[" | ".join(self.prompts)], step=step
+                    key="samples", images=[to_uint8_hwc(grid)], caption=[self.caption()], step=step
                 )
 
     def grid(self, images: list[GeneratedImage]) -> torch.Tensor:
         return sample_grid(images, len(self.prompts))
+
+    def caption(self) -> str:
+        return " | ".join(self.prompts)
 
     def generate(self, trainer: Trainer, pl_module: LightningModule) -> list[GeneratedImage]:
         """Seed-major: all prompts at the first seed, then all at the next, ..."""
@@ -123,6 +126,9 @@ class LayerSamples(TransparentSamples):
 
     def grid(self, images: list[GeneratedLayers]) -> torch.Tensor:
         return image_grid([preview_layers(list(image.layers.values())) for image in images])
+
+    def caption(self) -> str:
+        return " | ".join(" / ".join(f"{layer}: {text}" for layer, text in prompts.items()) for prompts in self.prompts)
 
     def generate(self, trainer: Trainer, pl_module: LightningModule) -> list[GeneratedLayers]:
         prompts = [dict(prompt) for _ in self.seeds for prompt in self.prompts]

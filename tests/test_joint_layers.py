@@ -183,3 +183,19 @@ def test_training_can_start_from_a_layer_sharing_file_in_either_layout(parts, tm
         torch.testing.assert_close(started.unet.state_dict()[key], value, msg=key)
     with pytest.raises(ValueError, match="mode: frame in the file, concat in the UNet"):
         make_module(parts, attention_sharing="concat", init_from=str(path))
+
+
+def test_an_sd15_model_trains_on_layers_generates_and_restarts_from_its_export(tiny_sd15, tiny_transparent_vae, batch,
+                                                                              tmp_path):
+    from layerdiff.formats.layer_sharing import save_layer_sharing
+
+    source = trained_looking(make_module((tiny_sd15, tiny_transparent_vae), attention_sharing="frame"))
+    assert source.architecture == "sd15"
+    losses = source.compute_loss(batch, torch.Generator().manual_seed(0))
+    assert all(value.isfinite() for value in losses.values())
+    layer_set = source.layer_generator()(LayerPromptBatch([0], [{"foreground": "a cat"}], [0], SETTINGS))[0]
+    assert layer_set.layers["foreground"].shape == (4, 64, 64)
+    # (the released SD1.5 layout needs the full SD1.5 block structure: tests/test_layer_sharing_formats.py)
+    path = save_layer_sharing(tmp_path / "units.safetensors", source.unet, LAYERS)
+    started = make_module((tiny_sd15, tiny_transparent_vae), attention_sharing="frame", init_from=str(path)).eval()
+    torch.testing.assert_close(started.compute_loss(batch, torch.Generator().manual_seed(0))["loss"], losses["loss"])
