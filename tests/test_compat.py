@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from layerdiff import compat
+from support.trainers import quiet_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(num_workers|does not have many workers|GPU available):")
 
@@ -118,12 +119,12 @@ def test_the_metadata_filename_is_the_file_lightning_reads_beside_a_distributed_
     assert _load_distributed_checkpoint(folder)["global_step"] == 7
 
 
-def test_attached_trainer_is_none_until_a_trainer_attaches():
+def test_attached_trainer_is_none_until_a_trainer_attaches(tmp_path):
     module = LightningModule()
     assert compat.attached_trainer(module) is None
     with pytest.raises(RuntimeError):
         _ = module.trainer  # what attached_trainer avoids
-    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(tmp_path)
     module.trainer = trainer
     assert compat.attached_trainer(module) is trainer
 
@@ -154,10 +155,7 @@ class _Tiny(LightningModule):
 
 def _fit(tmp_path, module: LightningModule, callbacks: list[Callback], **trainer_options) -> Trainer:
     data = DataLoader(torch.randn(8, 2), batch_size=2)
-    trainer = Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, callbacks=callbacks, num_sanity_val_steps=0, **trainer_options,
-    )  # fmt: skip
+    trainer = quiet_trainer(tmp_path, max_steps=-1, enable_checkpointing=True, callbacks=callbacks, **trainer_options)
     trainer.fit(module, train_dataloaders=data, val_dataloaders=data)
     return trainer
 

@@ -16,6 +16,7 @@ from data.batches import collate_cached, collate_images, collate_layers, to_unit
 from data.cached import CachedSample
 from layerdiff.batches import CachedBatch, ImageBatch, LayeredBatch
 from support.shards import tiny_sample, write_tiny_shards
+from support.trainers import quiet_trainer
 
 
 def _layered(count: int = 3) -> LayeredBatch:
@@ -139,8 +140,8 @@ def test_a_run_with_a_transform_checkpoints_and_resumes(tmp_path):
     write_tiny_shards(tmp_path / "shards", 8, per_shard=4)
 
     def fit(steps: int, checkpoint: str | None = None) -> pl.Trainer:
-        trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, default_root_dir=tmp_path,
-                             enable_progress_bar=False, enable_model_summary=False)
+        # with ModelCheckpoint's state in the checkpoint, as a real run's has
+        trainer = quiet_trainer(tmp_path, max_steps=steps, enable_checkpointing=True)
         data = ShardDataModule(str(tmp_path / "shards"), batch_size=2, num_workers=0,
                                sample_transform=OverSolidColour())
         trainer.fit(_Mean(), datamodule=data, ckpt_path=checkpoint)

@@ -18,6 +18,7 @@ from data.stages import ShardsChangedError, TooManyCorruptMembersError
 from data.stream import ShardStream, Tagged
 from layerdiff.batches import ImageBatch, LayeredBatch
 from support.shards import rgb_png, truncated_foreground, write_tiny_shards
+from support.trainers import quiet_trainer
 
 BATCH_KEYS = {"rgb", "alpha", "caption", "key", "original_size", "crop_top_left"}
 LAYERED_KEYS = {"layers", "caption", "key", "original_size", "crop_top_left"}
@@ -295,8 +296,7 @@ def test_trains_under_lightning_with_the_exact_batch_keys(tmp_path):
     module = ShardDataModule(str(tmp_path / "train"), str(tmp_path / "val"), batch_size=2, num_workers=0,
                              max_corrupt_fraction=0.5)
     model = _BatchRecorder()
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = quiet_trainer(tmp_path, max_steps=-1, max_epochs=2, limit_val_batches=1.0)
     trainer.fit(model, datamodule=module)
     assert model.seen and all(keys == BATCH_KEYS for keys in model.seen)
     assert module.corrupt_skipped == 2  # one per epoch

@@ -16,6 +16,7 @@ from layerdiff.formats.layerdiffuse_vae import (
 )
 from support.shards import write_tiny_shards
 from support.toys import Regression, loader
+from support.trainers import quiet_trainer
 from support.transparency import (
     assert_round_trip,
     fake_lightning_state,
@@ -42,17 +43,7 @@ class WeightRecorder(Callback):
 
 
 def fit(module, callbacks, tmp_path, ckpt_path=None, batches=2, **trainer_args) -> Trainer:
-    settings = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
-    trainer = Trainer(callbacks=callbacks, **{**settings, **trainer_args})
+    trainer = quiet_trainer(tmp_path, callbacks=callbacks, **trainer_args)
     trainer.fit(module, train_dataloaders=loader(batches), val_dataloaders=loader(batches), ckpt_path=ckpt_path)
     return trainer
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import OutputDirectoryCheck, OutputDirectoryError
@@ -20,6 +19,7 @@ from data import ShardDataModule
 from data.schema import FOREGROUND
 from layerdiff.modules.base import FrozenBaseModule, NonFiniteLossError, TrainedParts
 from support.shards import write_tiny_shards
+from support.trainers import quiet_trainer
 from train import LayerdiffCLI
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,11 +52,6 @@ class Regression(FrozenBaseModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def trainer_for(root: Path, max_steps: int, **extra) -> Trainer:
-    return Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, default_root_dir=root, **extra)
-
-
 @pytest.fixture
 def shards(tmp_path) -> str:
     write_tiny_shards(tmp_path / "shards", 16, per_shard=8)
@@ -65,7 +60,7 @@ def shards(tmp_path) -> str:
 
 def test_a_non_finite_step_is_skipped_counted_and_training_goes_on(shards, tmp_path):
     module = Regression(nan_at={2, 3})
-    trainer_for(tmp_path, max_steps=6, enable_checkpointing=False).fit(
+    quiet_trainer(tmp_path, max_steps=6).fit(
         module, datamodule=ShardDataModule(shards, batch_size=2, num_workers=0))
     weights = module.weights_after
     assert weights[2] == weights[1] and weights[3] == weights[1]  # no update in the skipped steps
@@ -76,7 +71,7 @@ def test_persistent_non_finite_losses_stop_with_step_term_and_checkpoint(shards,
     module = Regression(nan_at=set(range(3, 100)), max_non_finite_steps=3)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=2, save_last=True)
     with pytest.raises(NonFiniteLossError) as raised:
-        trainer_for(tmp_path, max_steps=20, callbacks=[checkpoints]).fit(
+        quiet_trainer(tmp_path, max_steps=20, enable_checkpointing=True, callbacks=[checkpoints]).fit(
             module, datamodule=ShardDataModule(shards, batch_size=2, num_workers=0))
     message = str(raised.value)
     assert "regression = nan" in message and "3 steps in a row" in message and "max_non_finite_steps=3" in message
@@ -106,8 +101,8 @@ def test_an_unwritable_output_directory_is_reported_before_training(shards, tmp_
     blocker.write_text("not a directory")
     module = Regression(nan_at=set())
     with pytest.raises(OutputDirectoryError, match=r"a-file/run cannot be created.*default_root_dir"):
-        trainer_for(blocker / "run", max_steps=1, enable_checkpointing=False,
-                    callbacks=[OutputDirectoryCheck()]).fit(module, datamodule=ShardDataModule(shards, num_workers=0))
+        quiet_trainer(blocker / "run", max_steps=1, callbacks=[OutputDirectoryCheck()]).fit(
+            module, datamodule=ShardDataModule(shards, num_workers=0))
     assert module.weights_after == []  # not one step was trained
 
 
@@ -115,8 +110,7 @@ def test_a_full_output_directory_is_reported_before_training(shards, tmp_path):
     module = Regression(nan_at=set())
     free_checkpoints = 10 * torch.finfo(torch.float32).max  # more room than any disk has
     with pytest.raises(OutputDirectoryError, match=r"GiB free, but this run's checkpoints need about"):
-        trainer_for(tmp_path, max_steps=1, enable_checkpointing=False,
-                    callbacks=[OutputDirectoryCheck(free_checkpoints=free_checkpoints)]).fit(
+        quiet_trainer(tmp_path, max_steps=1, callbacks=[OutputDirectoryCheck(free_checkpoints=free_checkpoints)]).fit(
             module, datamodule=ShardDataModule(shards, num_workers=0))
     assert module.weights_after == []
 

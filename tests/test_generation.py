@@ -30,6 +30,7 @@ from layerdiff.pipelines import (
     IncompatibleLoraError,
 )
 from support.shards import write_tiny_shards
+from support.trainers import quiet_trainer
 from train import LayerdiffCLI
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,15 +224,7 @@ def test_prompt_errors_say_what_to_fix(tmp_path):
 
 
 def predict_trainer(tmp_path: Path, output_dir: Path) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[RGBAPredictionWriter(str(output_dir), contact_sheet_columns=2)],
-    )
+    return quiet_trainer(tmp_path, callbacks=[RGBAPredictionWriter(str(output_dir), contact_sheet_columns=2)])
 
 
 def test_predict_writes_rgba_pngs_with_their_settings_previews_and_a_contact_sheet(
@@ -340,11 +333,6 @@ def test_train_py_predict_reports_bad_inputs(
 # -- sampling during training -------------------------------------------------------------
 
 
-def sampling_trainer(root: Path, samples: TransparentSamples, **settings) -> Trainer:
-    return Trainer(accelerator="cpu", devices=1, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, default_root_dir=root, callbacks=[samples], **settings)
-
-
 def test_samples_are_written_at_the_start_and_every_n_steps(tiny_sdxl, tiny_transparent_vae, tmp_path):
     module = make_module(tiny_sdxl, tiny_transparent_vae, caption_dropout=0.0)
     shards = ",".join(write_tiny_shards(tmp_path / "train", 4, sizes=((64, 64),)))
@@ -352,7 +340,7 @@ def test_samples_are_written_at_the_start_and_every_n_steps(tiny_sdxl, tiny_tran
     prompts = ["a cat", "a glass cup", "an apple"]
     samples = TransparentSamples(prompts=prompts, seeds=[0, 1], every_n_steps=2, settings=SETTINGS)
     logger = WandbLogger(save_dir=tmp_path, project="layerdiff-test", offline=True)
-    sampling_trainer(tmp_path, samples, max_steps=3, limit_val_batches=0, logger=logger).fit(module, datamodule=data)
+    quiet_trainer(tmp_path, max_steps=3, logger=logger, callbacks=[samples]).fit(module, datamodule=data)
 
     written = sorted(path.name for path in (tmp_path / "samples").iterdir())
     assert written == ["step_000000.png", "step_000002.png"]
@@ -366,7 +354,7 @@ def test_samples_are_written_at_the_start_and_every_n_steps(tiny_sdxl, tiny_tran
 
 def test_sampling_needs_a_module_that_generates(tmp_path):
     with pytest.raises(TypeError, match="image_generator"):
-        trainer = Trainer(default_root_dir=tmp_path, logger=False)
+        trainer = quiet_trainer(tmp_path)
         TransparentSamples(prompts=["a cat"]).setup(trainer, LightningModule(), "fit")
 
 
@@ -376,8 +364,8 @@ def test_by_default_samples_follow_validation_at_the_native_size(tiny_sdxl, tiny
     val = ",".join(write_tiny_shards(tmp_path / "val", 2, sizes=((64, 64),)))
     data = ShardDataModule(train, val, batch_size=2, num_workers=0)
     samples = TransparentSamples(prompts=["a cat"], settings=GenerationSettings(steps=2))
-    trainer = sampling_trainer(tmp_path, samples, max_steps=4, val_check_interval=2, check_val_every_n_epoch=None,
-                               limit_val_batches=1, num_sanity_val_steps=1, logger=False)
+    trainer = quiet_trainer(tmp_path, max_steps=4, val_check_interval=2, check_val_every_n_epoch=None,
+                            limit_val_batches=1, num_sanity_val_steps=1, callbacks=[samples])
     trainer.fit(module, datamodule=data)
 
     written = sorted(path.name for path in (tmp_path / "samples").iterdir())

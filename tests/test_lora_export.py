@@ -17,7 +17,6 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.utils import convert_unet_state_dict_to_peft
-from lightning.pytorch import Trainer
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
@@ -42,6 +41,7 @@ from layerdiff.models.lora import DEFAULT_ADAPTER as LORA_ADAPTER
 from layerdiff.models.lora import RELEASED_LORA_TARGETS
 from layerdiff.modules import LatentDiffusionModule
 from support.shards import write_tiny_shards
+from support.trainers import quiet_trainer
 from support.unets import unet_output
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(num_workers|does not have many workers|LeafSpec):")
@@ -221,17 +221,7 @@ def train_and_save(
     module = LatentDiffusionModule(
         transparent_vae=str(transparent_vae), base_model=str(model), learning_rate=1e-2, caption_dropout=0.0, **module_args
     )
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[ema := EMA(decay=0.5)],
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, callbacks=[ema := EMA(decay=0.5)])
     trainer.fit(module, datamodule=ShardDataModule(shards, batch_size=2, num_workers=0))
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)

@@ -19,6 +19,7 @@ from callbacks import Preemption
 from callbacks.preemption import slurm_job_id
 from support.runs import run_environment, saved_step, tiny_fit_arguments
 from support.toys import Regression, loader
+from support.trainers import quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -48,19 +49,9 @@ class SendSignal(Callback):
 
 def fit(tmp_path: Path, callbacks: list[Callback], ckpt_path: str | None = None, **trainer_args) -> Trainer:
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, save_top_k=0)
-    settings = dict(
-        accelerator="cpu",
-        max_steps=8,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        val_check_interval=2,
-        check_val_every_n_epoch=None,
-        limit_val_batches=1,
-        default_root_dir=tmp_path,
-    )
-    trainer = Trainer(callbacks=[checkpoint, *callbacks], **{**settings, **trainer_args})
+    settings = dict(enable_checkpointing=True, max_steps=8, val_check_interval=2, check_val_every_n_epoch=None,
+                    limit_val_batches=1)  # fmt: skip
+    trainer = quiet_trainer(tmp_path, callbacks=[checkpoint, *callbacks], **{**settings, **trainer_args})
     trainer.fit(Regression(), train_dataloaders=loader(4), val_dataloaders=loader(1), ckpt_path=ckpt_path)
     return trainer
 
@@ -130,16 +121,14 @@ def test_slurm_job_id_names_array_tasks_as_scontrol_takes_them(monkeypatch):
 )
 def test_a_checkpoint_that_cannot_resume_is_refused(tmp_path, checkpoint, message):
     callbacks = [Preemption()] if checkpoint is None else [checkpoint, Preemption()]
-    trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, callbacks=callbacks, default_root_dir=tmp_path,
-                      enable_progress_bar=False)  # fmt: skip
+    trainer = quiet_trainer(tmp_path, max_steps=1, enable_checkpointing=True, callbacks=callbacks)
     with pytest.raises(ValueError, match=message):
         trainer.fit(Regression(), train_dataloaders=loader(1))
 
 
 def test_preemption_listed_before_the_model_checkpoint_is_refused(tmp_path):
     callbacks = [Preemption(), ModelCheckpoint(save_last=True)]
-    trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, callbacks=callbacks, default_root_dir=tmp_path,
-                      enable_progress_bar=False)  # fmt: skip
+    trainer = quiet_trainer(tmp_path, max_steps=1, enable_checkpointing=True, callbacks=callbacks)
     with pytest.raises(ValueError, match="after the ModelCheckpoint"):
         trainer.fit(Regression(), train_dataloaders=loader(1))
 

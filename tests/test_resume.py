@@ -22,6 +22,7 @@ from data.schema import FOREGROUND
 from layerdiff.checkpointing import AtomicCheckpointIO
 from layerdiff.modules.base import FrozenBaseModule, TrainedParts
 from support.shards import truncated_foreground, write_tiny_shards
+from support.trainers import quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,17 +52,13 @@ class DropoutRegression(FrozenBaseModule):
 
 
 def fit(module, data, root: Path, max_steps: int, ckpt_path=None) -> Trainer:
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        root,
         max_steps=max_steps,
         val_check_interval=4,
         check_val_every_n_epoch=None,
         limit_val_batches=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
+        enable_checkpointing=True,
         plugins=[AtomicCheckpointIO()],
         callbacks=[ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=4, save_top_k=-1)],
     )
