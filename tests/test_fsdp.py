@@ -64,6 +64,7 @@ from layerdiff.formats.layerdiffuse_vae import (
 from layerdiff.formats.lora import DIFFUSERS_LORA_FILENAME, read_lora
 from layerdiff.formats.provenance import read_metadata
 from support.shards import write_tiny_shards
+from support.trainers import quiet_trainer
 from support.unets import unet_output
 from train import main as train_main
 
@@ -630,8 +631,8 @@ def test_bf16_units_keep_float32_gradients_with_a_discriminator_frozen_at_its_fi
 # -- sharded construction ----------------------------------------------------------------------
 
 
-def test_under_sharded_construction_only_a_nodes_first_process_builds_the_trained_parts(tiny_sdxl, monkeypatch):
-    from lightning.pytorch import Trainer
+def test_under_sharded_construction_only_a_nodes_first_process_builds_the_trained_parts(tiny_sdxl, monkeypatch,
+                                                                                       tmp_path):
     from torch.utils.data import DataLoader
 
     from layerdiff.distributed import (
@@ -655,7 +656,7 @@ def test_under_sharded_construction_only_a_nodes_first_process_builds_the_traine
     assert trained and all(tensor.is_meta for tensor in trained)
     assert not any(parameter.is_meta for parameter in frozen)  # frozen weights stay whole everywhere
 
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False)
+    trainer = quiet_trainer(tmp_path, max_steps=1)
     expected = r"built on the meta device.*--trainer.strategy layerdiff.distributed.FSDP2Strategy"
     with pytest.raises(ValueError, match=expected):
         trainer.fit(module, train_dataloaders=DataLoader([{"rgb": torch.rand(3, 64, 64)}]))

@@ -141,7 +141,7 @@ def recipe_arguments(parts, shards, root: Path, **model) -> list[str]:
     return arguments + [f"--model.init_args.{key}={value}" for key, value in model.items()]
 
 
-@pytest.mark.parametrize("sharing", ["concat", "frame"])
+@pytest.mark.parametrize("sharing", ["concat", pytest.param("frame", marks=pytest.mark.slow)])
 def test_the_joint_recipe_trains_two_steps_and_predict_writes_layer_sets_and_a_layered_file(parts, shards, tmp_path, sharing):
     root = tmp_path / sharing
     run_train_py("fit", *recipe_arguments(parts, shards, root, attention_sharing=sharing), "--trainer.max_steps=2",
