@@ -14,7 +14,9 @@ only ``attention_sharing`` differs. Then, per mode:
 Run the demo first (``bash scripts/demo.sh``: it leaves the transparent VAE export and the
 stage-2 UNet folder), then::
 
-    python -m benchmarks.sharing_ablation [--steps 200] [--sets 16] [--write]
+    python -m benchmarks.sharing_ablation [--steps 200] [--sets 16] [--seeds 0,1] [--write]
+
+Each seed sets the LoRA initialisation, the noise and the data order of all modes alike.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ RECIPE = ["-c", "configs/joint_lora.yaml", "-c", "configs/demo/joint_lora.yaml"]
 MODES = ("none", "concat", "frame")
 
 
-def train(mode: str, steps: int, root: Path, transparent_vae: str, base_unet: str):
-    arguments = [*RECIPE, f"--trainer.default_root_dir={root / mode}", f"--trainer.max_steps={steps}",
+def train(mode: str, seed: int, steps: int, root: Path, transparent_vae: str, base_unet: str):
+    arguments = [*RECIPE, f"--seed_everything={seed}", f"--model.init_args.seed={seed}", f"--data.init_args.seed={seed}",
+                 f"--trainer.default_root_dir={root / f'{mode}-seed{seed}'}", f"--trainer.max_steps={steps}",
                  f"--trainer.val_check_interval={steps}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
                  "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "--trainer.limit_val_batches=16",
                  f"--model.init_args.attention_sharing={mode}", f"--model.init_args.transparent_vae={transparent_vae}",
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=200, help="training steps per mode (default 200)")
     parser.add_argument("--sets", type=int, default=16, help="generated layer sets per mode (default 16)")
     parser.add_argument("--sampling-steps", type=int, default=20, help="sampler steps per set (default 20)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, each runs every mode (default 0)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"sharing modes (default {','.join(MODES)})")
     parser.add_argument("--transparent-vae", default="outputs/demo/transparent_vae/export")
     parser.add_argument("--base-unet", default="outputs/demo/latent_diffusion/unet")
@@ -93,30 +97,42 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     settings = GenerationSettings(width=64, height=64, steps=args.sampling_steps, guidance_scale=3.0)
     rows, started = [], time.perf_counter()
-    for mode in args.modes.split(","):
-        began = time.perf_counter()
-        module, datamodule, validation = train(mode, args.steps, Path(args.root), args.transparent_vae, args.base_unet)
-        consistency = blend_consistency(module, validation_prompts(datamodule, args.sets), settings)
-        rows.append((mode, validation, consistency, time.perf_counter() - began))
-        print(f"{mode}: {validation} blend consistency {consistency:.5f}")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    for seed in seeds:
+        for mode in args.modes.split(","):
+            began = time.perf_counter()
+            module, datamodule, validation = train(mode, seed, args.steps, Path(args.root), args.transparent_vae,
+                                                   args.base_unet)
+            consistency = blend_consistency(module, validation_prompts(datamodule, args.sets), settings)
+            rows.append((mode, seed, validation, consistency, time.perf_counter() - began))
+            print(f"{mode} seed {seed}: {validation} blend consistency {consistency:.5f}")
 
     layers = ("foreground", "background", "blend")
     lines = [
         "## Attention sharing ablation (joint layers, demo triplets)",
         "",
-        f"`python -m benchmarks.sharing_ablation --steps {args.steps} --sets {args.sets} --write` on "
+        f"`python -m benchmarks.sharing_ablation --steps {args.steps} --sets {args.sets} --seeds {args.seeds} --write` on "
         f"{machine_description()}, load average {load_before:.1f} at the start; {time.perf_counter() - started:.0f} s.",
-        "Each mode trained from the demo's stage-2 UNet with the same seed, batches and steps "
+        "Each mode trained from the demo's stage-2 UNet with the same seed (LoRA initialisation, noise, data order), "
+        "batches and steps "
         "(`configs/demo/joint_lora.yaml`: 3 layers, LoRA rank 16, lr 1e-3); held-out losses on 128 validation "
         f"triplets with fixed noise; blend consistency = MSE(blend, foreground over background) of {args.sets} generated "
         f"sets ({args.sampling_steps} Euler steps, guidance 3, prompts from the validation captions, seeds 0..{args.sets - 1}).",
         "",
-        "| sharing | val loss | " + " | ".join(f"val loss {name}" for name in layers) + " | blend consistency (MSE) | s |",
-        "| --- | --- | " + " | ".join("---" for _ in layers) + " | --- | --- |",
+        "| sharing | seed | val loss | " + " | ".join(f"val loss {name}" for name in layers) + " | blend consistency (MSE) | s |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in layers) + " | --- | --- |",
     ]
-    for mode, validation, consistency, seconds in rows:
+    for mode, seed, validation, consistency, seconds in rows:
         values = " | ".join(f"{validation[f'val/loss_{name}']:.4f}" for name in layers)
-        lines.append(f"| `{mode}` | {validation['val/loss']:.4f} | {values} | {consistency:.5f} | {seconds:.0f} |")
+        lines.append(f"| `{mode}` | {seed} | {validation['val/loss']:.4f} | {values} | {consistency:.5f} | {seconds:.0f} |")
+    if len(seeds) > 1:
+        for mode in args.modes.split(","):
+            mine = [row for row in rows if row[0] == mode]
+            means = [sum(row[2][f"val/loss_{name}"] for row in mine) / len(mine) for name in layers]
+            total = sum(row[2]["val/loss"] for row in mine) / len(mine)
+            consistency = sum(row[3] for row in mine) / len(mine)
+            lines.append(f"| `{mode}` | mean | {total:.4f} | " + " | ".join(f"{value:.4f}" for value in means)
+                         + f" | {consistency:.5f} | |")
     report("\n".join(lines) + "\n", args.write)
     return 0
 

@@ -63,3 +63,14 @@ def test_the_joint_step_benchmark_times_every_variant_and_pairs_the_ratios():
                                                                 ("concat", "frame", "none")]
     assert all("x (" in row and row.rstrip().endswith(("| yes |", "| **no** |")) for row in rows[1:])
     assert "`concat` adds" in result.stdout and "`frame` adds" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_sharing_ablation_trains_every_mode_and_tabulates_them(tiny_sdxl, tiny_transparent_vae, tmp_path):
+    command = [sys.executable, "-m", "benchmarks.sharing_ablation", "--steps", "1", "--sets", "1", "--sampling-steps", "1",
+               "--transparent-vae", str(tiny_transparent_vae), "--base-unet", str(tiny_sdxl / "unet"),
+               "--root", str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| `")]
+    assert [row.split("|")[1].strip() for row in rows] == ["`none`", "`concat`", "`frame`"]

@@ -199,3 +199,17 @@ def test_an_sd15_model_trains_on_layers_generates_and_restarts_from_its_export(t
     path = save_layer_sharing(tmp_path / "units.safetensors", source.unet, LAYERS)
     started = make_module((tiny_sd15, tiny_transparent_vae), attention_sharing="frame", init_from=str(path)).eval()
     torch.testing.assert_close(started.compute_loss(batch, torch.Generator().manual_seed(0))["loss"], losses["loss"])
+
+
+def test_any_number_of_layers_trains_together(parts, batch):
+    from dataclasses import replace as replace_fields
+
+    from layerdiff.batches import Layer
+
+    four = replace_fields(batch, layers=[*batch.layers, Layer("shadow", batch.layer("background").pixels.flip(-1),
+                                                              ["a shadow"] * len(batch))])
+    module = trained_looking(make_module(parts, layers=(*LAYERS, "shadow")))
+    losses = module.compute_loss(four, torch.Generator().manual_seed(0))
+    assert set(losses) == {"loss"} | {f"loss_{name}" for name in (*LAYERS, "shadow")}
+    layer_set = module.layer_generator()(LayerPromptBatch([0], [{"shadow": "a shadow"}], [0], SETTINGS))[0]
+    assert list(layer_set.layers) == [*LAYERS, "shadow"]
