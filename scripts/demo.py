@@ -81,8 +81,9 @@ def train_transparent_vae(overrides: list[str]) -> dict:
     }
 
 
-def train_latent_diffusion(transparent_vae: str, overrides: list[str]) -> dict:
-    arguments = DIFFUSION_RECIPE + [f"--model.init_args.transparent_vae={transparent_vae}"] + overrides
+def fit_between_validations(arguments: list[str]) -> tuple[dict, dict, dict]:
+    """A diffusion stage: validate, fit, validate, save ``final.ckpt``; both metric sets and the
+    stage's root, checkpoint and steps."""
     cli = LayerdiffCLI(args=arguments, run=False)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     before = trainer.validate(model, datamodule=datamodule)[0]
@@ -91,10 +92,14 @@ def train_latent_diffusion(transparent_vae: str, overrides: list[str]) -> dict:
     checkpoint = Path(trainer.default_root_dir) / "checkpoints" / "final.ckpt"
     trainer.save_checkpoint(checkpoint)
     finish_wandb_runs(trainer)
+    return before, after, {"root": trainer.default_root_dir, "checkpoint": str(checkpoint), "steps": trainer.global_step}
+
+
+def train_latent_diffusion(transparent_vae: str, overrides: list[str]) -> dict:
+    arguments = DIFFUSION_RECIPE + [f"--model.init_args.transparent_vae={transparent_vae}"] + overrides
+    before, after, stage = fit_between_validations(arguments)
     return {
-        "root": trainer.default_root_dir,
-        "checkpoint": str(checkpoint),
-        "steps": trainer.global_step,
+        **stage,
         "val_loss_before": before["val/loss"],
         "val_loss_after": after["val/loss"],
     }
@@ -112,20 +117,11 @@ def train_joint_layers(transparent_vae: str, diffusion_checkpoint: str, override
     export_main(["unet", "--checkpoint", diffusion_checkpoint, "--out", str(base_unet)])
     arguments = JOINT_RECIPE + [f"--model.init_args.transparent_vae={transparent_vae}",
                                 f"--model.init_args.base_unet={base_unet}"] + overrides
-    cli = LayerdiffCLI(args=arguments, run=False)
-    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-    before = trainer.validate(model, datamodule=datamodule)[0]
-    trainer.fit(model, datamodule=datamodule)
-    after = trainer.validate(model, datamodule=datamodule)[0]
-    checkpoint = Path(trainer.default_root_dir) / "checkpoints" / "final.ckpt"
-    trainer.save_checkpoint(checkpoint)
-    finish_wandb_runs(trainer)
+    before, after, stage = fit_between_validations(arguments)
     layers = [key.removeprefix("val/loss_") for key in after if key.startswith("val/loss_")]
     return {
-        "root": trainer.default_root_dir,
-        "checkpoint": str(checkpoint),
+        **stage,
         "base_unet": str(base_unet),
-        "steps": trainer.global_step,
         "val_loss_before": before["val/loss"],
         "val_loss_after": after["val/loss"],
         "per_layer": {layer: [before[f"val/loss_{layer}"], after[f"val/loss_{layer}"]] for layer in layers},

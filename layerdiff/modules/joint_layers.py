@@ -148,11 +148,11 @@ class JointLayerLoRAModule(DiffusionObjective):
         return chosen
 
     @torch.no_grad()
-    def diffusion_latents(self, batch: LayeredBatch) -> torch.Tensor:
+    def diffusion_latents(self, layers: list[Layer]) -> torch.Tensor:
         """Every layer's latent on the UNet's scale, ``[B, L, 4, h, w]``: the transparent layers'
         adjusted latents ``x_a``, the opaque layers' plain VAE latents."""
         latents = []
-        for layer in self._batch_layers(batch):
+        for layer in layers:
             if layer.alpha is not None:
                 _, latent = codec.encode_adjusted(self.vae, self.transparent_encoder, layer.rgb, layer.alpha)
             else:
@@ -160,11 +160,11 @@ class JointLayerLoRAModule(DiffusionObjective):
             latents.append(codec.diffusion_latent(self.vae, latent))
         return torch.stack(latents, dim=1)
 
-    def layer_prompts(self, batch: LayeredBatch, drop: torch.Tensor) -> PromptEmbeddings:
+    def layer_prompts(self, layers: list[Layer], drop: torch.Tensor) -> PromptEmbeddings:
         """Each layer's caption embeddings (dropped to the empty caption where ``drop[l, b]``),
         as one ``[B * L]`` batch, layers inner."""
         per_layer = [self.conditioning.drop(self.encode_prompts(layer.caption), drop[index])
-                     for index, layer in enumerate(self._batch_layers(batch))]
+                     for index, layer in enumerate(layers)]
         hidden = torch.stack([prompts.hidden for prompts in per_layer], dim=1).flatten(0, 1)
         pooled = None if per_layer[0].pooled is None else torch.stack([p.pooled for p in per_layer], dim=1).flatten(0, 1)
         return PromptEmbeddings(hidden, pooled)
@@ -173,7 +173,8 @@ class JointLayerLoRAModule(DiffusionObjective):
 
     def compute_loss(self, batch: LayeredBatch, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """LD eq. 9 on one batch (``loss``) and eq. 8's term of each layer (``loss_{layer}``)."""
-        latents = self.diffusion_latents(batch)
+        layers = self._batch_layers(batch)
+        latents = self.diffusion_latents(layers)
         samples, count = latents.shape[:2]
         hp, alphas_cumprod = self.hparams, self.noise_scheduler.alphas_cumprod
         draws = diffusion.draw(generator, [latents[:, 0].shape] * count, self.num_train_timesteps,
@@ -183,7 +184,7 @@ class JointLayerLoRAModule(DiffusionObjective):
 
         rows = timesteps.repeat_interleave(count)
         flat_latents, flat_noise = latents.flatten(0, 1), noise.flatten(0, 1)
-        prompts = self.layer_prompts(batch, draws.drop)
+        prompts = self.layer_prompts(layers, draws.drop)
         target_size = tuple(side * self.vae_scale_factor for side in latents.shape[-2:])
         added = self.conditioning.added_conditions(prompts, batch.original_size.repeat_interleave(count, dim=0),
                                                    batch.crop_top_left.repeat_interleave(count, dim=0), target_size)
