@@ -3,10 +3,12 @@
 #   bash scripts/test.sh                 # everything
 #   bash scripts/test.sh -k data -x      # extra arguments go to pytest
 # The SLURM tests start a real one-node cluster: slurm-wlm and munge are installed when missing
-# (as root); LAYERDIFF_SKIP_SLURM_TESTS=1 skips those tests on machines that cannot.
+# (as root); LAYERDIFF_SKIP_SLURM_TESTS=1 skips those tests on machines that cannot. Likewise chromium
+# for the report's headless-browser test (LAYERDIFF_SKIP_BROWSER_TESTS=1 skips it).
 set -euo pipefail
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$repo_root/scripts/setup.sh"
 bash "$repo_root/scripts/slurm_test_packages.sh"
+bash "$repo_root/scripts/browser_test_packages.sh"
 cd "$repo_root"
 exec python -m pytest -q -p no:cacheprovider --timeout 900 "$@" tests
