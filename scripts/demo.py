@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from demo_report import add_metrics_logger, write_demo_report
 from lightning.pytorch.loggers import WandbLogger
 
 from layerdiff.export import main as export_main
@@ -63,6 +64,7 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str], list[st
 def train_transparent_vae(overrides: list[str]) -> dict:
     cli = LayerdiffCLI(args=VAE_RECIPE + overrides, run=False)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    add_metrics_logger(trainer)
     root = Path(trainer.default_root_dir)
     before = trainer.validate(model, datamodule=datamodule)[0]
     trainer.fit(model, datamodule=datamodule)
@@ -86,6 +88,7 @@ def fit_between_validations(arguments: list[str]) -> tuple[dict, dict, dict]:
     stage's root, checkpoint and steps."""
     cli = LayerdiffCLI(args=arguments, run=False)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    add_metrics_logger(trainer)
     before = trainer.validate(model, datamodule=datamodule)[0]
     trainer.fit(model, datamodule=datamodule)
     after = trainer.validate(model, datamodule=datamodule)[0]
@@ -160,6 +163,7 @@ def run_demo(overrides: list[str]) -> int:
     }
     summary_path = Path(vae["root"]).parent / "demo_summary.json"
     summary_path.write_text(json.dumps(summary, indent=2))
+    report_path = write_demo_report(summary, summary_path.parent)
 
     print("\n== layerdiff demo on the embedded tiny SDXL ==")
     print("1. latent transparency (transparent VAE)")
@@ -176,6 +180,7 @@ def run_demo(overrides: list[str]) -> int:
     print(f"   held-out loss (eq. 9)  before {joint['val_loss_before']:.4f}  after {joint['val_loss_after']:.4f}; per layer "
           + ", ".join(f"{name} {pair[0]:.3f} -> {pair[1]:.3f}" for name, pair in joint["per_layer"].items()))
     print(f"   layer sets: {layer_sets} (each layer as PNG, a layered .psd, previews, contact_sheet.png)")
+    print(f"report {report_path} (open it in a browser)")
     print(f"summary {summary_path}; W&B offline runs under outputs/demo/*/wandb; took {summary['seconds']} s")
     if vae["alpha_mse_improvement"] < REQUIRED_ALPHA_IMPROVEMENT:
         print(f"FAILED: alpha MSE improved only {vae['alpha_mse_improvement']:.1f}x "
