@@ -13,12 +13,26 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 
-from lightning.pytorch.cli import LightningCLI
-from omegaconf import OmegaConf
+from layerdiff.cli import (
+    TRAINING_CALLBACK_STATES,
+    ShortErrorParser,
+    constructor_error,
+    is_project_error,
+    quiet_console,
+)
 
-from callbacks.preemption import exit_code_of
-from layerdiff.distributed import is_sharding_strategy, sharded_construction
+quiet_console()  # before the imports below bring in diffusers and transformers, which talk on import
+
+from lightning.pytorch import Trainer  # noqa: E402
+from lightning.pytorch.callbacks import RichModelSummary  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from callbacks.model_summary import ModelPartsSummary  # noqa: E402
+from callbacks.preemption import exit_code_of  # noqa: E402
+from layerdiff.distributed import is_sharding_strategy, sharded_construction  # noqa: E402
 
 
 def _wandb_offline() -> bool:
@@ -36,9 +50,15 @@ class LayerdiffCLI(LightningCLI):
     The parser runs in ``omegaconf+`` mode: ``${...}`` interpolations are resolved after all
     ``-c`` files and command-line overrides are merged, so an overlay that changes
     ``trainer.default_root_dir`` also moves everything that interpolates it.
+
+    A bad setting is reported in one line (``ShortErrorParser``), and an error a constructor
+    raises on purpose (a missing base model, say) as its own message alone, exit code 1; any
+    other exception keeps its traceback.
     """
 
     def __init__(self, *args, **kwargs) -> None:
+        quiet_console()
+        kwargs.setdefault("parser_class", ShortErrorParser)
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+"})
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
@@ -51,8 +71,34 @@ class LayerdiffCLI(LightningCLI):
         strategy = config.get("trainer", {}).get("strategy")
         strategy = getattr(strategy, "class_path", strategy)
         sharded = strategy is not None and is_sharding_strategy(strategy)
-        with sharded_construction() if sharded else contextlib.nullcontext():
-            super().instantiate_classes()
+        try:
+            with sharded_construction() if sharded else contextlib.nullcontext():
+                super().instantiate_classes()
+            return
+        except Exception as wrapped:
+            error = constructor_error(wrapped)
+            if is_project_error(error):
+                sys.exit(f"error: {error}")
+            if error is wrapped:
+                raise
+        raise error  # outside the handler: the constructor's own traceback, not jsonargparse's dump
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks = [
+            ModelPartsSummary(getattr(callback, "_max_depth", 1), **getattr(callback, "_summarize_kwargs", {}))
+            if type(callback) is RichModelSummary else callback
+            for callback in trainer.callbacks
+        ]
+        return trainer
+
+    def before_predict(self) -> None:
+        self._predict_warnings = warnings.catch_warnings()
+        self._predict_warnings.__enter__()
+        warnings.filterwarnings("ignore", message=TRAINING_CALLBACK_STATES)
+
+    def after_predict(self) -> None:
+        self._predict_warnings.__exit__(None, None, None)
 
 
 def main(args: list[str] | None = None) -> None:

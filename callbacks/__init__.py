@@ -5,6 +5,7 @@ from callbacks.data_health import CorruptSampleMonitor
 from callbacks.ema import EMA, averaged_weights_of
 from callbacks.image_logger import TransparentReconstructionImages
 from callbacks.layer_writer import LayerSetWriter
+from callbacks.model_summary import ModelPartsSummary
 from callbacks.output_check import OutputDirectoryCheck, OutputDirectoryError
 from callbacks.preemption import Preemption
 from callbacks.rgba_writer import RGBAPredictionWriter
@@ -16,6 +17,7 @@ __all__ = [
     "CorruptSampleMonitor",
     "LayerSamples",
     "LayerSetWriter",
+    "ModelPartsSummary",
     "OutputDirectoryCheck",
     "OutputDirectoryError",
     "Preemption",

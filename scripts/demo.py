@@ -22,6 +22,7 @@ stage, ``--vae.<key>`` only to the first, ``--diffusion.<key>`` only to the seco
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -66,9 +67,10 @@ def train_transparent_vae(overrides: list[str]) -> dict:
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     add_metrics_logger(trainer)
     root = Path(trainer.default_root_dir)
-    before = trainer.validate(model, datamodule=datamodule)[0]
+    before = held_out(trainer, model, datamodule)
     trainer.fit(model, datamodule=datamodule)
-    after = trainer.validate(model, datamodule=datamodule)[0]
+    after = held_out(trainer, model, datamodule)
+    report_stage(trainer, before, after)
     save_transparent_vae(model.transparent_encoder, model.transparent_decoder, root / "export", metadata=dict(model.hparams))
     finish_wandb_runs(trainer)
     return {
@@ -89,11 +91,12 @@ def fit_between_validations(arguments: list[str]) -> tuple[dict, dict, dict]:
     cli = LayerdiffCLI(args=arguments, run=False)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     add_metrics_logger(trainer)
-    before = trainer.validate(model, datamodule=datamodule)[0]
+    before = held_out(trainer, model, datamodule)
     trainer.fit(model, datamodule=datamodule)
-    after = trainer.validate(model, datamodule=datamodule)[0]
+    after = held_out(trainer, model, datamodule)
+    report_stage(trainer, before, after)
     checkpoint = Path(trainer.default_root_dir) / "checkpoints" / "final.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    trainer.save_checkpoint(checkpoint, weights_only=False)
     finish_wandb_runs(trainer)
     return before, after, {"root": trainer.default_root_dir, "checkpoint": str(checkpoint), "steps": trainer.global_step}
 
@@ -136,6 +139,24 @@ def generate_layers(joint: dict, transparent_vae: str, overrides: list[str]) -> 
                  f"--model.init_args.base_unet={joint['base_unet']}"]
     cli = LayerdiffCLI(args=[*arguments, *overrides, f"--ckpt_path={joint['checkpoint']}"])
     return str(Path(cli.trainer.default_root_dir) / "generated")
+
+
+def held_out(trainer, model, datamodule) -> dict:
+    """Validation metrics without a progress bar or table: the stage's one bar is its training's."""
+    bar = trainer.progress_bar_callback
+    if bar is None:
+        return trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    bar.disable()
+    try:
+        return trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    finally:
+        bar.enable()
+
+
+def report_stage(trainer, before: dict, after: dict) -> None:
+    """The stage's key numbers, held-out before and after its training, when it ends."""
+    numbers = ", ".join(f"{name} {before[name]:.4f} -> {value:.4f}" for name, value in after.items())
+    print(f"[{Path(trainer.default_root_dir).name}] {trainer.global_step} steps; {numbers}", flush=True)
 
 
 def finish_wandb_runs(trainer) -> None:
@@ -194,4 +215,6 @@ def run_demo(overrides: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    for name in ("lightning.pytorch", "lightning.fabric"):  # their per-stage info lines (seed, devices, restores)
+        logging.getLogger(name).setLevel(logging.WARNING)
     sys.exit(run_demo(sys.argv[1:]))
