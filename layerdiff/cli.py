@@ -67,7 +67,8 @@ def quiet_console() -> None:
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     if os.environ.get("WANDB_MODE", "offline").lower() not in ("online", "run"):
-        os.environ.setdefault("WANDB_SILENT", "true")
+        if not os.environ.get("WANDB_SILENT"):  # unset or empty (W&B rejects an empty value)
+            os.environ["WANDB_SILENT"] = "true"
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_tqdm_hook(_without_loading_weights_bar)

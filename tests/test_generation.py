@@ -306,12 +306,12 @@ def test_train_py_predict_spreads_prompts_over_two_devices(tiny_sdxl, tiny_trans
     [
         (
             ("--data.init_args.prompt_file", "missing_prompts.txt"),
-            ValueError,
+            SystemExit,  # the CLI prints a project error alone and exits
             "missing_prompts.txt does not exist",
         ),
         (
             ("--data.init_args.prompts", "[a cat]", "--data.init_args.settings.width", "100"),
-            ValueError,
+            SystemExit,
             "width 100 is not a positive multiple of 64",
         ),
         (
