@@ -69,9 +69,20 @@ def quiet_console() -> None:
     if os.environ.get("WANDB_MODE", "offline").lower() not in ("online", "run"):
         if not os.environ.get("WANDB_SILENT"):  # unset or empty (W&B rejects an empty value)
             os.environ["WANDB_SILENT"] = "true"
+        if os.environ["WANDB_SILENT"].lower() in ("true", "1"):
+            _silence_wandb_terminal()
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_tqdm_hook(_without_loading_weights_bar)
+
+
+def _silence_wandb_terminal() -> None:
+    # W&B applies WANDB_SILENT only after validating its settings, so the warning Lightning's
+    # WandbLogger triggers there (it always passes `anonymous`) would still print.
+    import wandb
+    from wandb.errors import term
+
+    term.termsetup(wandb.Settings(silent=True), None)
 
 
 def _without_loading_weights_bar(factory, args, kwargs):
