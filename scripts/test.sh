@@ -8,7 +8,7 @@
 set -euo pipefail
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$repo_root/scripts/setup.sh"
-bash "$repo_root/scripts/slurm_test_packages.sh"
-bash "$repo_root/scripts/browser_test_packages.sh"
+bash "$repo_root/scripts/test_packages.sh" slurm
+bash "$repo_root/scripts/test_packages.sh" browser
 cd "$repo_root"
 exec python -m pytest -q -p no:cacheprovider --timeout 900 "$@" tests

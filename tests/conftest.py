@@ -113,7 +113,7 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
     if missing or os.geteuid() != 0:
         problem = f"{', '.join(missing)} missing" if missing else "SLURM's daemons run as root, this user is not"
         pytest.fail(
-            f"The SLURM tests need slurm-wlm and munge ({problem}): run `bash scripts/slurm_test_packages.sh` as root "
+            f"The SLURM tests need slurm-wlm and munge ({problem}): run `bash scripts/test_packages.sh slurm` as root "
             f"(scripts/test.sh does), or set {SKIP_VARIABLE}=1 to skip them."
         )
     cluster = start_cluster(tmp_path_factory.mktemp("slurm"))

@@ -128,7 +128,7 @@ def chromium() -> str:
         pytest.skip(f"{SKIP_VARIABLE}=1: the headless-browser tests are skipped on this machine")
     program = shutil.which("chromium") or shutil.which("chromium-browser")
     if program is None:
-        pytest.fail(f"The report tests need Debian's chromium: run `bash scripts/browser_test_packages.sh` as root "
+        pytest.fail(f"The report tests need Debian's chromium: run `bash scripts/test_packages.sh browser` as root "
                     f"(scripts/test.sh does), or set {SKIP_VARIABLE}=1 to skip them.")  # fmt: skip
     return program
 

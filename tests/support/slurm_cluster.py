@@ -2,7 +2,7 @@
 slurmd, with configuration, keys, state, spool, logs and sockets in one temporary folder,
 so nothing of the machine's own SLURM or munge set-up is used or changed.
 
-Needs Debian's ``slurm-wlm`` and ``munge`` (``scripts/slurm_test_packages.sh`` installs them)
+Needs Debian's ``slurm-wlm`` and ``munge`` (``scripts/test_packages.sh slurm`` installs them)
 and root: munged and slurmd run as root here, as on a compute node.
 """
 
