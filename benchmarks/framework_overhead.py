@@ -38,8 +38,9 @@ BATCH_SIZE = 16
 LORA_RANK = 16
 DEMO_SHARDS = "embedded:openmoji-demo-64/train"
 BARE_LOOP_NOTE = (
-    'The bare loop is `bare_loop` in the script (webdataset + PIL, the same codec, text encoders, '
-    "diffusion step, AdamW, clipping and EMA lerp, no Lightning). diffusers' "
+    "The bare loop is `bare_loop` in the script (webdataset + PIL, captions tokenized in the loader worker as "
+    "ours and diffusers' are, the same codec, text encoders, diffusion step, AdamW, clipping and EMA lerp, "
+    "no Lightning). diffusers' "
     '`train_text_to_image_lora_sdxl.py` is not compared: its examples are not installable here. '
     'First-step times include start-up (imports, argument parsing, W&B offline set-up, the samples the '
     'recipe draws at step 0).'
@@ -100,7 +101,7 @@ def bare_loop(shards: str, transparent_vae: str, steps: int, clock: str) -> None
     from layerdiff.models import codec
     from layerdiff.models.base import load_scheduler, load_text_encoders, load_unet, load_vae, resolve_pretrained
     from layerdiff.models.lora import DEFAULT_ADAPTER, RELEASED_LORA_TARGETS, add_lora
-    from layerdiff.models.text import PromptEmbeddings, encode_prompts, sdxl_time_ids
+    from layerdiff.models.text import PromptEmbeddings, encode_prompts, encode_tokens, sdxl_time_ids, tokenize_prompts
 
     torch.manual_seed(0)
     base = resolve_pretrained("embedded:tiny-sdxl")
@@ -127,13 +128,15 @@ def bare_loop(shards: str, transparent_vae: str, steps: int, clock: str) -> None
             return (*arrays, *sizes)
         rgba = np.asarray(Image.open(io.BytesIO(sample["fg.png"])).convert("RGBA"), dtype=np.float32) / 255
         image = torch.from_numpy(rgba).permute(2, 0, 1)
-        return (image[:3], image[3:], sample["txt"].decode(), *sizes)
+        # Tokenized in the loader worker, as diffusers' script does.
+        token_ids = torch.stack([ids[0] for ids in tokenize_prompts(text_encoders.tokenizers, [sample["txt"].decode()])])
+        return (image[:3], image[3:], token_ids, *sizes)
 
     dataset = wds.WebDataset(resolve_shards(shards), shardshuffle=False, empty_check=False).map(to_sample)
     loader = torch.utils.data.DataLoader(dataset.batched(BATCH_SIZE), batch_size=None, num_workers=1)
     ends: list[float] = []
     for first, second, third, original_size, crop in loader:
-        if isinstance(third, torch.Tensor):  # cached latents and prompt embeddings
+        if third.is_floating_point():  # cached latents and prompt embeddings (else token ids)
             latents, prompts = first, PromptEmbeddings(second, third)
         else:
             with torch.no_grad():
@@ -141,7 +144,7 @@ def bare_loop(shards: str, transparent_vae: str, steps: int, clock: str) -> None
             prompts = None
         draws = diffusion.draw(generator, [latents.shape], scheduler.config.num_train_timesteps, 0.1, 0.0)
         if prompts is None:
-            prompts = encode_prompts(text_encoders, list(third))
+            prompts = encode_tokens(text_encoders, tuple(third.unbind(1)))
         if draws.drop[0].any():
             prompts = prompts.select(draws.drop[0], empty)
         noisy = diffusion.add_noise(scheduler.alphas_cumprod, latents, draws.noise[0], draws.timesteps)

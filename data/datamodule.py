@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from data.loader import EpochDataLoader, StreamProgress
 from data.schema import IMAGE_KIND, SampleKind, SchemaError
 from data.spec import ShardSpecError, resolve_shards
-from data.stream import SampleTransform, ShardStream, Tagged, detect_sample_kind
+from data.stream import BatchTransform, SampleTransform, ShardStream, Tagged, detect_sample_kind
 from layerdiff.resume import save_per_rank, saved_states
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,14 @@ class ShardDataModule(pl.LightningDataModule):
             kind=kind,
             track_position=training,
             transform=self.sample_transform,
+            batch_transform=self._batch_transform(),
         )
+
+    def _batch_transform(self) -> BatchTransform | None:
+        """The trained module's ``loader_batch_transform()``, when it has one, for the workers to run."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        hook = getattr(module, "loader_batch_transform", None)
+        return hook() if callable(hook) else None
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         if self.trainer is not None:

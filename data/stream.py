@@ -13,7 +13,9 @@ Top to bottom:
    stop training;
 4. apply the per-sample ``transform``, if any (e.g. ``data.transforms.OverSolidColour``);
 5. group samples by image size and emit a batch whenever a size has
-   ``batch_size`` samples, so aspect buckets never mix in a batch (``data.batches``).
+   ``batch_size`` samples, so aspect buckets never mix in a batch (``data.batches``);
+6. apply the ``batch_transform``, if any (the module's: a diffusion objective's tokenizes the
+   captions here, as diffusers' training scripts do, so the training step only encodes them).
 
 Batches are built in the worker (the DataLoader's own batching is off). Each comes as a
 ``Tagged(batch, position)``: the ``StreamPosition`` beside it says which worker made it, the
@@ -49,6 +51,9 @@ Sample = LayerSample | CachedSample
 # Applied to each decoded sample in the worker; must be picklable (a module-level function or
 # a class instance) and a function of the sample alone, so that a resumed stream repeats it.
 SampleTransform = Callable[[Sample], Sample]
+# Applied to each collated batch in the worker, under the same rules; the objective module
+# gives it (``loader_batch_transform``: tokenizing the captions, for a diffusion objective).
+BatchTransform = Callable[[Batch], Batch]
 
 
 @dataclass
@@ -109,6 +114,7 @@ class ShardStream(IterableDataset):
         kind: SampleKind | None = None,
         track_position: bool = False,
         transform: SampleTransform | None = None,
+        batch_transform: BatchTransform | None = None,
     ):
         self.shards = list(shards)
         self.batch_size = batch_size
@@ -128,6 +134,7 @@ class ShardStream(IterableDataset):
             )
         self.track_position = track_position
         self.transform = transform
+        self.batch_transform = batch_transform
         self.collate = collate_layers if require_layers else collate_cached if self.kind.cached else collate_images
         self.epoch = 0
         self.resume_from: dict[int, dict[str, Any]] = {}
@@ -157,7 +164,10 @@ class ShardStream(IterableDataset):
                     "buckets": buckets.state(),
                     **tracker.state(),
                 }
-            return Tagged(self.collate(samples), position)
+            batch = self.collate(samples)
+            if self.batch_transform is not None:
+                batch = self.batch_transform(batch)
+            return Tagged(batch, position)
 
         members = shuffler(cursor) if shuffler is not None else iter(cursor)
         for sample in self._decoded(members, tracker):

@@ -9,7 +9,8 @@ Three kinds, one per path through the data (``data.batches`` builds them from de
   blend for LayerDiffusion sec. 3.3's joint layers).
 
 Every batch has one image size, and ``key``, ``caption``, ``original_size`` and
-``crop_top_left`` (SDXL micro-conditioning) per sample. They are plain, mutable dataclasses,
+``crop_top_left`` (SDXL micro-conditioning) per sample, and optionally the captions'
+token ids. They are plain, mutable dataclasses,
 so Lightning moves them to the device field by field (``move_data_to_device``); they live
 here, below the modules, so that a module can tell them apart with ``isinstance``.
 """
@@ -19,6 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+# The captions' token ids, one int64 [B, 77] per tokenizer, when the loader's workers tokenized
+# them (``layerdiff.models.text.CaptionTokenizer``); ``None`` and the module tokenizes itself.
+TokenIds = tuple[torch.Tensor, ...]
 
 
 @dataclass
@@ -33,6 +38,7 @@ class ImageBatch:
     key: list[str]
     original_size: torch.Tensor
     crop_top_left: torch.Tensor
+    token_ids: TokenIds | None = None
 
     def __len__(self) -> int:
         return len(self.key)
@@ -51,6 +57,7 @@ class CachedBatch:
     crop_top_left: torch.Tensor
     prompt_hidden: torch.Tensor | None = None
     prompt_pooled: torch.Tensor | None = None
+    token_ids: TokenIds | None = None
 
     def __len__(self) -> int:
         return len(self.key)
@@ -64,6 +71,7 @@ class Layer:
     name: str
     pixels: torch.Tensor
     caption: list[str]
+    token_ids: TokenIds | None = None
 
     @property
     def rgb(self) -> torch.Tensor:

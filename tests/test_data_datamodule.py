@@ -20,7 +20,7 @@ from layerdiff.batches import ImageBatch, LayeredBatch
 from support.shards import rgb_png, truncated_foreground, write_tiny_shards
 from support.trainers import quiet_trainer
 
-BATCH_KEYS = {"rgb", "alpha", "caption", "key", "original_size", "crop_top_left"}
+BATCH_KEYS = {"rgb", "alpha", "caption", "key", "original_size", "crop_top_left", "token_ids"}
 LAYERED_KEYS = {"layers", "caption", "key", "original_size", "crop_top_left"}
 
 

@@ -106,7 +106,7 @@ def test_cached_batches_hold_what_training_would_encode(image_shards, caches, ti
     images, cached = _batch(image_shards), _batch(caches["float32+text"])
     assert isinstance(cached, CachedBatch) and isinstance(images, ImageBatch)
     assert {field.name for field in fields(cached)} == {"latent", "prompt_hidden", "prompt_pooled", "caption", "key",
-                                                         "original_size", "crop_top_left"}
+                                                         "original_size", "crop_top_left", "token_ids"}
     for name in ("caption", "key"):
         assert getattr(cached, name) == getattr(images, name)
     for name in ("original_size", "crop_top_left"):

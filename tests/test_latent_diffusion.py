@@ -157,3 +157,15 @@ def test_adamw8bit_and_a_cosine_schedule_with_warm_up(tiny_sdxl, tiny_transparen
 def test_missing_transparent_vae_is_reported_with_the_fix(tiny_sdxl, tmp_path):
     with pytest.raises(FileNotFoundError, match="vae_transparent_encoder.safetensors"):
         make_module(tiny_sdxl, tmp_path / "nowhere")
+
+
+def test_the_loader_workers_tokenize_and_the_loss_is_the_same(tiny_sdxl, tiny_transparent_vae, shards, tmp_path):
+    module = make_module(tiny_sdxl, tiny_transparent_vae)
+    datamodule = ShardDataModule(train_shards=shards["train"], batch_size=2, num_workers=1, shuffle_buffer=0)
+    make_trainer(tmp_path, max_steps=0).fit(module, datamodule)  # attaches both, trains nothing
+    tagged = next(iter(datamodule.train_dataloader()))
+    batch = datamodule.on_before_batch_transfer(tagged, 0)
+    assert [ids.shape for ids in batch.token_ids] == [(2, 77), (2, 77)]  # one per tokenizer, from the worker
+    batch.rgb, batch.alpha = batch.rgb.float() / 255, batch.alpha.float() / 255
+    loss = loss_with_seed(module, batch)
+    assert torch.equal(loss, loss_with_seed(module, replace(batch, token_ids=None)))  # tokenized in the step

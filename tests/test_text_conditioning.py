@@ -28,3 +28,17 @@ def test_sdxl_gets_pooled_text_and_size_ids_and_sd15_nothing(tiny_sdxl, tiny_sd1
     assert added["text_embeds"] is prompts.pooled
     sd15 = PromptConditioning(load_text_encoders(str(tiny_sd15)))
     assert sd15.added_conditions(sd15.encode(["a"]), torch.tensor([[64, 64]]), torch.tensor([[0, 0]]), (64, 64)) is None
+
+
+def test_the_loaders_token_ids_encode_as_the_captions_do(tiny_sdxl):
+    from layerdiff.batches import Layer, LayeredBatch
+    from layerdiff.models.text import CaptionTokenizer
+
+    conditioning = PromptConditioning(load_text_encoders(str(tiny_sdxl)))
+    layers = [Layer(name, torch.zeros(2, 3, 8, 8), [f"{name} one", f"{name} two"]) for name in ("foreground", "background")]
+    batch = CaptionTokenizer(conditioning.text_encoders.tokenizers)(
+        LayeredBatch(layers, ["a", "b"], ["k0", "k1"], torch.zeros(2, 2), torch.zeros(2, 2)))
+    for layer in batch.layers:
+        from_ids, from_text = conditioning.encode(layer.caption, token_ids=layer.token_ids), conditioning.encode(layer.caption)
+        assert torch.equal(from_ids.hidden, from_text.hidden) and torch.equal(from_ids.pooled, from_text.pooled)
+    assert not torch.equal(batch.layers[0].token_ids[0], batch.layers[1].token_ids[0])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from layerdiff.batches import Batch, CachedBatch, LayeredBatch, TokenIds
 from layerdiff.models.base import TextEncoders
 
 
@@ -31,9 +34,19 @@ class PromptEmbeddings:
         return PromptEmbeddings(hidden, pooled)
 
 
+def tokenize_prompts(tokenizers: Sequence[PreTrainedTokenizerBase], prompts: Sequence[str]) -> TokenIds:
+    """Each tokenizer's ids of ``prompts``, padded and truncated to its length, as the diffusers
+    pipelines tokenize. Cheap and picklable, so the DataLoader workers run it (``CaptionTokenizer``)."""
+    return tuple(
+        tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        for tokenizer in tokenizers
+    )
+
+
 @torch.no_grad()
-def encode_prompts(text_encoders: TextEncoders, prompts: list[str], device: torch.device | None = None) -> PromptEmbeddings:
-    """Tokenise (padded and truncated to each tokenizer's length) and encode ``prompts``.
+def encode_tokens(text_encoders: TextEncoders, token_ids: TokenIds, device: torch.device | None = None) -> PromptEmbeddings:
+    """Encode each tokenizer's ids with its encoder.
 
     SDXL (two encoders): concatenated penultimate hidden states plus the second encoder's
     projected pooled output, as ``StableDiffusionXLPipeline.encode_prompt`` with
@@ -41,17 +54,36 @@ def encode_prompts(text_encoders: TextEncoders, prompts: list[str], device: torc
     """
     sdxl = len(text_encoders.encoders) == 2
     hidden_states, pooled = [], None
-    for tokenizer, encoder in zip(text_encoders.tokenizers, text_encoders.encoders):
-        token_ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device or encoder.device)
-        output = encoder(token_ids, output_hidden_states=sdxl)
+    for ids, encoder in zip(token_ids, text_encoders.encoders, strict=True):
+        output = encoder(ids.to(device or encoder.device), output_hidden_states=sdxl)
         if sdxl:
             hidden_states.append(output.hidden_states[-2])
             pooled = output[0]  # the last encoder's projected pooled embedding (text_embeds)
         else:
             hidden_states.append(output.last_hidden_state)
     return PromptEmbeddings(torch.cat(hidden_states, dim=-1), pooled)
+
+
+def encode_prompts(text_encoders: TextEncoders, prompts: Sequence[str], device: torch.device | None = None) -> PromptEmbeddings:
+    """Tokenise and encode ``prompts`` (``tokenize_prompts`` then ``encode_tokens``)."""
+    return encode_tokens(text_encoders, tokenize_prompts(text_encoders.tokenizers, prompts), device)
+
+
+class CaptionTokenizer:
+    """A loader batch transform: fills in the token ids of a batch's captions (each layer's, in a
+    layered batch), so the DataLoader workers tokenize and the training step only encodes. A
+    cached batch with its text embeddings needs none."""
+
+    def __init__(self, tokenizers: Sequence[PreTrainedTokenizerBase]) -> None:
+        self.tokenizers = tuple(tokenizers)
+
+    def __call__(self, batch: Batch) -> Batch:
+        if isinstance(batch, LayeredBatch):
+            for layer in batch.layers:
+                layer.token_ids = tokenize_prompts(self.tokenizers, layer.caption)
+        elif not (isinstance(batch, CachedBatch) and batch.prompt_hidden is not None):
+            batch.token_ids = tokenize_prompts(self.tokenizers, batch.caption)
+        return batch
 
 
 def sdxl_time_ids(
@@ -83,8 +115,12 @@ class PromptConditioning:
     def sdxl(self) -> bool:
         return len(self.text_encoders.encoders) == 2
 
-    def encode(self, captions: list[str], device: torch.device | None = None) -> PromptEmbeddings:
-        return encode_prompts(self.text_encoders, list(captions), device)
+    def encode(self, captions: Sequence[str], device: torch.device | None = None,
+               token_ids: TokenIds | None = None) -> PromptEmbeddings:
+        """The embeddings of ``captions``, from their ``token_ids`` when the loader tokenized them."""
+        if token_ids is None:
+            token_ids = tokenize_prompts(self.text_encoders.tokenizers, captions)
+        return encode_tokens(self.text_encoders, token_ids, device)
 
     def drop(self, prompts: PromptEmbeddings, dropped: torch.Tensor) -> PromptEmbeddings:
         """``prompts`` with the rows where ``dropped`` is True replaced by the empty caption's."""

@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 
 from layerdiff import diffusion
+from layerdiff.batches import TokenIds
 from layerdiff.formats.layerdiffuse_vae import load_transparency_models
 from layerdiff.models.base import detect_architecture, freeze, load_scheduler, load_text_encoders, load_vae
-from layerdiff.models.text import PromptConditioning, PromptEmbeddings
+from layerdiff.models.text import CaptionTokenizer, PromptConditioning, PromptEmbeddings
 from layerdiff.modules.base import FrozenBaseModule, TrainedParts
 from layerdiff.optim import build_lr_schedule, build_optimizer
 from layerdiff.resume import rank_seed
@@ -48,8 +49,13 @@ class DiffusionObjective(FrozenBaseModule):
     def num_train_timesteps(self) -> int:
         return self.noise_scheduler.config.num_train_timesteps
 
-    def encode_prompts(self, captions: list[str]) -> PromptEmbeddings:
-        return self.conditioning.encode(captions, self.device)
+    def encode_prompts(self, captions: list[str], token_ids: TokenIds | None = None) -> PromptEmbeddings:
+        return self.conditioning.encode(captions, self.device, token_ids)
+
+    def loader_batch_transform(self) -> CaptionTokenizer:
+        """What the DataLoader workers run on each batch (``data.ShardDataModule`` asks for it): the
+        captions' tokenization, so the training step only encodes them."""
+        return CaptionTokenizer(self.text_encoders.tokenizers)
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         """Per-sample Min-SNR-gamma weights when ``min_snr_gamma`` is set, else ``None``."""

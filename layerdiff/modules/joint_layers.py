@@ -163,7 +163,7 @@ class JointLayerLoRAModule(DiffusionObjective):
     def layer_prompts(self, layers: list[Layer], drop: torch.Tensor) -> PromptEmbeddings:
         """Each layer's caption embeddings (dropped to the empty caption where ``drop[l, b]``),
         as one ``[B * L]`` batch, layers inner."""
-        per_layer = [self.conditioning.drop(self.encode_prompts(layer.caption), drop[index])
+        per_layer = [self.conditioning.drop(self.encode_prompts(layer.caption, layer.token_ids), drop[index])
                      for index, layer in enumerate(layers)]
         hidden = torch.stack([prompts.hidden for prompts in per_layer], dim=1).flatten(0, 1)
         pooled = None if per_layer[0].pooled is None else torch.stack([p.pooled for p in per_layer], dim=1).flatten(0, 1)

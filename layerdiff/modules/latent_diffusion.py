@@ -116,7 +116,7 @@ class LatentDiffusionModule(DiffusionObjective):
         if isinstance(batch, CachedBatch) and batch.prompt_hidden is not None:
             prompts = PromptEmbeddings(batch.prompt_hidden, batch.prompt_pooled)
         else:
-            prompts = self.encode_prompts(batch.caption)
+            prompts = self.encode_prompts(batch.caption, batch.token_ids)
         return self.conditioning.drop(prompts, drop)
 
     @torch.no_grad()
