@@ -85,6 +85,8 @@ def unit_float(images: torch.Tensor, *, pin_memory: bool = False) -> torch.Tenso
     2-core machine. The cast and the multiply by 1/255 are within one float32 ulp of x / 255;
     255 -> 1.0.
     """
+    if images.dtype != torch.uint8:  # converting twice would silently darken every image 255x
+        raise TypeError(f"unit_float converts uint8 images; these are already {images.dtype}")
     unit = torch.empty(images.shape, dtype=torch.float32, pin_memory=pin_memory)
     array = unit.numpy()
     np.copyto(array, images.numpy())

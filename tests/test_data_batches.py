@@ -12,7 +12,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.data import extract_batch_size
 
 from data import OverSolidColour, ShardDataModule
-from data.batches import collate_cached, collate_images, collate_layers, to_unit_float
+from data.batches import collate_cached, collate_images, collate_layers, to_unit_float, unit_float
 from data.cached import CachedSample
 from layerdiff.batches import CachedBatch, ImageBatch, LayeredBatch
 from support.shards import tiny_sample, write_tiny_shards
@@ -163,3 +163,10 @@ def test_transforms_are_configured_by_class_path():
     assert isinstance(data.sample_transform, OverSolidColour) and data.sample_transform.colour == (0, 0, 255)
     with pytest.raises(ValueError, match="three integers"):
         OverSolidColour((0, 256, 0))
+
+
+def test_images_are_made_float_once():
+    images = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    assert unit_float(images).max().item() == 1.0
+    with pytest.raises(TypeError, match="already torch.float32"):
+        unit_float(unit_float(images))

@@ -166,6 +166,19 @@ def test_the_loader_workers_tokenize_and_the_loss_is_the_same(tiny_sdxl, tiny_tr
     tagged = next(iter(datamodule.train_dataloader()))
     batch = datamodule.on_before_batch_transfer(tagged, 0)
     assert [ids.shape for ids in batch.token_ids] == [(2, 77), (2, 77)]  # one per tokenizer, from the worker
-    batch.rgb, batch.alpha = batch.rgb.float() / 255, batch.alpha.float() / 255
+    assert batch.rgb.dtype == torch.float32 and batch.rgb.max() > 0.5  # converted by the loader
     loss = loss_with_seed(module, batch)
     assert torch.equal(loss, loss_with_seed(module, replace(batch, token_ids=None)))  # tokenized in the step
+
+
+def test_validation_measures_the_same_draws_on_plain_latents(tiny_sdxl, tiny_transparent_vae, shards, tmp_path):
+    module = make_module(tiny_sdxl, tiny_transparent_vae)
+    datamodule = ShardDataModule(train_shards=shards["train"], val_shards=shards["val"], batch_size=2, num_workers=0)
+    trainer = make_trainer(tmp_path)
+    offset = trainer.validate(module, datamodule, verbose=False)[0]
+    assert offset["val/loss"] != offset["val/loss_plain"]  # the fixture's encoder adds a small offset
+    assert offset["val/loss"] == pytest.approx(offset["val/loss_plain"], rel=0.2)
+    torch.nn.init.zeros_(module.transparent_encoder.blocks[-1].weight)  # no offset: x_a = x
+    torch.nn.init.zeros_(module.transparent_encoder.blocks[-1].bias)
+    again = trainer.validate(module, datamodule, verbose=False)[0]
+    assert again["val/loss"] == again["val/loss_plain"] == pytest.approx(offset["val/loss_plain"], rel=1e-6)
