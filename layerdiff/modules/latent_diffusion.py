@@ -133,10 +133,19 @@ class LatentDiffusionModule(DiffusionObjective):
 
     # -- the objective -------------------------------------------------------------------
 
-    def compute_loss(self, batch: ImageBatch | CachedBatch, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """LD eq. 7 on one batch; every random draw comes from ``generator`` (on the CPU, so
-        a seed gives the same noise on any device), in a fixed order."""
-        latents = self.diffusion_latents(batch)
+    @torch.no_grad()
+    def plain_latents(self, batch: ImageBatch) -> torch.Tensor:
+        """The frozen VAE's latents ``x`` of the same images, without the transparency offset."""
+        plain, _ = codec.encode_adjusted(self.vae, self.transparent_encoder, batch.rgb, batch.alpha)
+        return codec.diffusion_latent(self.vae, plain)
+
+    def compute_loss(
+        self, batch: ImageBatch | CachedBatch, generator: torch.Generator, latents: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """LD eq. 7 on one batch (on ``latents`` in place of its adjusted latents, if given);
+        every random draw comes from ``generator`` (on the CPU, so a seed gives the same noise
+        on any device), in a fixed order."""
+        latents = self.diffusion_latents(batch) if latents is None else latents
         hp, alphas_cumprod = self.hparams, self.noise_scheduler.alphas_cumprod
         draws = diffusion.draw(generator, [latents.shape], self.num_train_timesteps, hp.caption_dropout, hp.noise_offset)
         timesteps = draws.timesteps.to(latents.device)
@@ -163,8 +172,18 @@ class LatentDiffusionModule(DiffusionObjective):
         return loss
 
     def validation_step(self, batch: ImageBatch | CachedBatch, batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch, self._validation_generator)["loss"]
+        generator = self._validation_generator
+        draws = generator.get_state()
+        loss = self.compute_loss(batch, generator)["loss"]
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch.caption), sync_dist=True)
+        if isinstance(batch, ImageBatch):
+            # LD sec. 3.1's premise, measured: the same draws on the plain latents x. A pretrained
+            # UNet that has never seen the offset should find both about equally hard.
+            after = generator.get_state()
+            generator.set_state(draws)
+            plain = self.compute_loss(batch, generator, latents=self.plain_latents(batch))["loss"]
+            generator.set_state(after)
+            self.log("val/loss_plain", plain, batch_size=len(batch.caption), sync_dist=True)
         return loss
 
     # -- generation: train.py predict and the TransparentSamples callback ------------------
