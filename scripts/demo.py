@@ -108,6 +108,9 @@ def train_latent_diffusion(transparent_vae: str, overrides: list[str]) -> dict:
         **stage,
         "val_loss_before": before["val/loss"],
         "val_loss_after": after["val/loss"],
+        # LD sec. 3.1-3.2's premise: before fine-tuning, the offset costs the pretrained UNet little.
+        "val_loss_plain_before": before["val/loss_plain"],
+        "adjusted_to_plain_before": before["val/loss"] / before["val/loss_plain"],
     }
 
 
@@ -195,6 +198,9 @@ def run_demo(overrides: list[str]) -> int:
     print(f"   pictures {vae['root']}/images (step 0 = before), export {vae['export']}")
     print("2. diffusion on adjusted latents")
     print(f"   held-out loss (eq. 7)  before {diffusion['val_loss_before']:.4f}  after {diffusion['val_loss_after']:.4f}")
+    print(f"   premise: before fine-tuning, the pretrained UNet's held-out loss on adjusted latents is "
+          f"{diffusion['adjusted_to_plain_before']:.3f}x its loss on the plain latents "
+          f"({diffusion['val_loss_plain_before']:.4f})")
     print(f"   samples during training {diffusion['root']}/samples, checkpoint {diffusion['checkpoint']}")
     print(f"3. text -> RGBA: {predictions} (PNGs with alpha, checkerboard previews, contact_sheet.png)")
     print("4. joint layers (foreground, background, blend; shared attention)")

@@ -1,7 +1,7 @@
 """The one place pretrained base models (SDXL, SD1.5, the embedded tiny model) are loaded.
 
 A base model is named by a Hugging Face Hub id, a local folder in the diffusers
-``save_pretrained`` layout, or ``embedded:tiny-sdxl`` (built on first use).
+``save_pretrained`` layout, or ``embedded:tiny-sdxl`` / ``embedded:tiny-sdxl-pretrained`` (built on first use).
 Every loader goes through ``locate_component`` first, which settles where the files come
 from without waiting on a network that is not there: a local folder is checked on disk;
 a Hub id is looked up in the Hugging Face cache when offline (``HF_HUB_OFFLINE``) or when
@@ -26,7 +26,7 @@ from huggingface_hub.utils import EntryNotFoundError, get_session, validate_repo
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from layerdiff.models.tiny import TINY_SDXL_VERSION, build_tiny_sdxl
+from layerdiff.models.tiny import TINY_SDXL_VERSION, build_pretrained_tiny_sdxl, build_tiny_sdxl, pretrained_weights_version
 from layerdiff.paths import EMBEDDED_PREFIX, cache_dir, is_embedded
 
 Architecture = Literal["sdxl", "sd15"]
@@ -34,10 +34,16 @@ ModuleT = TypeVar("ModuleT", bound=nn.Module)
 Loaded = TypeVar("Loaded")
 
 # Builders for ``embedded:<name>``; each writes a complete model folder atomically.
-EMBEDDED_MODELS: dict[str, Callable[[Path], Path]] = {"tiny-sdxl": build_tiny_sdxl}
-# Recipe version of each builder, part of its cache folder name: a changed recipe builds a
-# new folder instead of silently reusing the stale one.
-EMBEDDED_MODEL_VERSIONS: dict[str, int] = {"tiny-sdxl": TINY_SDXL_VERSION}
+EMBEDDED_MODELS: dict[str, Callable[[Path], Path]] = {
+    "tiny-sdxl": build_tiny_sdxl,
+    "tiny-sdxl-pretrained": build_pretrained_tiny_sdxl,
+}
+# Recipe version of each builder (or what computes it), part of its cache folder name: a
+# changed recipe or weights file builds a new folder instead of silently reusing the stale one.
+EMBEDDED_MODEL_VERSIONS: dict[str, int | Callable[[], str]] = {
+    "tiny-sdxl": TINY_SDXL_VERSION,
+    "tiny-sdxl-pretrained": pretrained_weights_version,
+}
 HUB_PROBE_TIMEOUT_S = 3.0
 
 # The file each component folder must hold; its absence means the component is missing.
@@ -101,7 +107,8 @@ def ensure_embedded_model(name: str) -> Path:
     if name not in EMBEDDED_MODELS:
         known = ", ".join(EMBEDDED_PREFIX + known_name for known_name in EMBEDDED_MODELS)
         raise ValueError(f"Unknown embedded model '{EMBEDDED_PREFIX}{name}'; known: {known}.")
-    folder = cache_dir() / f"{name}-v{EMBEDDED_MODEL_VERSIONS[name]}"
+    version = EMBEDDED_MODEL_VERSIONS[name]
+    folder = cache_dir() / f"{name}-v{version() if callable(version) else version}"
     if not folder.exists():
         try:
             EMBEDDED_MODELS[name](folder)

@@ -8,8 +8,12 @@ downsamples by 8 with SDXL's scaling factor, SDXL's Euler scheduler config) but 
 and save it in the exact ``save_pretrained`` layout so it loads through the same
 ``from_pretrained`` calls as the real checkpoint.
 
-The UNet and the text encoders keep random weights; the VAE is fitted for a few seconds so
-that its decoder turns latents back into images (``layerdiff.models.tiny_vae``).
+Two variants. ``embedded:tiny-sdxl`` (tests): the UNet and the text encoders keep random
+weights; the VAE is fitted for a few seconds so that its decoder turns latents back into images
+(``layerdiff.models.tiny_vae``). ``embedded:tiny-sdxl-pretrained`` (the demo): the same build
+with a VAE and UNet pretrained on RGB images, from the weights file committed beside this
+module (``data.pretrain_base`` writes it), so the demo fine-tunes a model that already
+generates images, as the method fine-tunes SDXL.
 
 The tokenizer files are generated here, not downloaded: a byte-level CLIP BPE vocabulary
 (the 256 byte-unicode symbols, each also as a word-final ``</w>`` symbol, then the two
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -29,6 +34,7 @@ from pathlib import Path
 
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -37,6 +43,12 @@ from layerdiff.models.tiny_vae import VAE_FIT_STEPS, VAE_IMAGE_SIZE, fit_tiny_va
 # Part of the cache folder name (``cache_dir()/tiny-sdxl-v<N>``): bump it whenever the recipe
 # below changes what gets built, so existing caches are rebuilt instead of silently reused.
 TINY_SDXL_VERSION = 2
+
+# The pretrained variant (``embedded:tiny-sdxl-pretrained``): this build with the VAE and UNet
+# weights of ``python -m data pretrain-base`` (committed beside this file; recipe in its metadata).
+PRETRAINED_WEIGHTS = Path(__file__).with_name("tiny_sdxl_pretrained.safetensors")
+PRETRAINED_FORMAT = "layerdiff.tiny-sdxl-pretrained/1"
+PRETRAINED_PARTS = ("vae", "unet")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -173,8 +185,40 @@ def assemble_tiny_sdxl(tokenizer_root: Path, seed: int) -> StableDiffusionXLPipe
     )
 
 
-def build_tiny_sdxl(out_dir: Path, seed: int = 0) -> Path:
-    """Write the tiny SDXL model to ``out_dir`` atomically and return ``out_dir``.
+def pretrained_weights_version(path: Path = PRETRAINED_WEIGHTS) -> str:
+    """The build version and a digest of the weights file: the cache folder of the pretrained
+    model changes whenever either does."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else "missing"
+    return f"{TINY_SDXL_VERSION}-{digest}"
+
+
+def load_pretrained_weights(pipeline: StableDiffusionXLPipeline, path: Path = PRETRAINED_WEIGHTS) -> dict:
+    """Load the pretrained VAE and UNet (fp16 in the file) into ``pipeline``, strictly; return the
+    file's recipe and held-out metrics."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the pretrained tiny model's weights {path} are missing: they are part of the repository "
+            "(restore them with `git checkout -- layerdiff/models/tiny_sdxl_pretrained.safetensors`), or "
+            f"rebuild them with `python -m data pretrain-base {path}`"
+        )
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != PRETRAINED_FORMAT:
+            raise ValueError(f"{path} is not a {PRETRAINED_FORMAT} file (its format is {metadata.get('format')!r}); "
+                             f"rebuild it with `python -m data pretrain-base {path}`")
+        state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    for part in PRETRAINED_PARTS:
+        module = getattr(pipeline, part)
+        prefix = f"{part}."
+        weights = {name[len(prefix):]: value.float() for name, value in state.items() if name.startswith(prefix)}
+        module.load_state_dict(weights, strict=True)
+    return {key: json.loads(metadata[key]) for key in ("recipe", "metrics") if key in metadata}
+
+
+def build_tiny_sdxl(out_dir: Path, seed: int = 0, pretrained: bool = False) -> Path:
+    """Write the tiny SDXL model to ``out_dir`` atomically and return ``out_dir``; ``pretrained``
+    loads the committed pretrained VAE and UNet (``load_pretrained_weights``, seed 0 only: the
+    UNet was trained against seed 0's text encoders).
 
     The model is saved into a hidden staging folder beside ``out_dir`` and renamed into
     place, so ``out_dir`` either does not exist or is complete, even if the build is killed.
@@ -182,6 +226,8 @@ def build_tiny_sdxl(out_dir: Path, seed: int = 0) -> Path:
     process renamed its own build into place first; that folder is then complete.
     """
     out_dir = Path(out_dir)
+    if pretrained and seed != 0:
+        raise ValueError(f"the pretrained tiny model is built with seed 0 (its text encoders'), not {seed}")
     if out_dir.exists():
         raise FileExistsError(errno.EEXIST, "model folder already exists", str(out_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -190,6 +236,8 @@ def build_tiny_sdxl(out_dir: Path, seed: int = 0) -> Path:
         # The tokenizers load from the vocabulary files we generate into the staging
         # folder; saving the pipeline then adds their configs beside those files.
         pipeline = assemble_tiny_sdxl(tokenizer_root=staging, seed=seed)
+        if pretrained:
+            load_pretrained_weights(pipeline)
         pipeline.save_pretrained(staging)
         try:
             os.rename(staging, out_dir)
@@ -200,6 +248,11 @@ def build_tiny_sdxl(out_dir: Path, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def build_pretrained_tiny_sdxl(out_dir: Path) -> Path:
+    """``embedded:tiny-sdxl-pretrained``: ``build_tiny_sdxl`` with the committed pretrained weights."""
+    return build_tiny_sdxl(out_dir, pretrained=True)
 
 
 def main() -> None:

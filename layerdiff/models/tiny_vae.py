@@ -237,14 +237,22 @@ def sample_vae_batch(
     generator: torch.Generator,
     masked_fraction: float = VAE_FIT_MASKED_FRACTION,
     size: int = VAE_IMAGE_SIZE,
+    extra_images: torch.Tensor | None = None,
+    extra_fraction: float = 0.0,
 ) -> torch.Tensor:
     """A batch of random crops in [-1, 1] (:func:`random_crop` of a random photo).
 
     ``masked_fraction`` of them are premultiplied onto 50 % grey by a :func:`soft_mask`
-    (``(rgb * 2 - 1) * alpha``), as the foregrounds LayerDiffusion encodes.
+    (``(rgb * 2 - 1) * alpha``), as the foregrounds LayerDiffusion encodes. With
+    ``extra_images`` (``[N, 3, size, size]`` in [-1, 1]), ``extra_fraction`` of the batch are
+    instead random ones of those, randomly flipped.
     """
     crops = []
     for _ in range(batch_size):
+        if extra_images is not None and _uniform(generator) < extra_fraction:
+            image = extra_images[int(torch.randint(len(extra_images), (), generator=generator))]
+            crops.append(image.flip(-1) if _uniform(generator) < 0.5 else image)
+            continue
         crop = random_crop(photos[int(torch.randint(len(photos), (), generator=generator))], generator, size)
         if _uniform(generator) < masked_fraction:
             crop = crop * soft_mask(generator, size)
@@ -258,13 +266,16 @@ def fit_tiny_vae(
     seed: int = 0,
     batch_size: int = VAE_FIT_BATCH_SIZE,
     lr: float = VAE_FIT_LR,
+    extra_images: torch.Tensor | None = None,
+    extra_fraction: float = 0.0,
 ) -> list[float]:
     """Fit ``vae`` in place as an autoencoder of 64 px photo crops; return the per-step losses.
 
     Start from :func:`init_vae_as_area_codec` (the build does); from random weights this
     budget is far too short. The loss is SD's VAE loss without its perceptual and adversarial
     terms: reconstruction MSE plus ``VAE_KL_WEIGHT`` times the KL to N(0, I), both summed
-    over an image, on crops of :data:`VAE_FIT_PHOTOS` (see :func:`sample_vae_batch`). Adam
+    over an image, on crops of :data:`VAE_FIT_PHOTOS` and ``extra_fraction`` of ``extra_images``
+    (see :func:`sample_vae_batch`). Adam
     with warm-up and cosine decay, one CPU thread, channels-last. Afterwards the latent scale
     is normalised so that ``latents * scaling_factor`` has unit std, as SDXL's factor does.
 
@@ -284,7 +295,8 @@ def fit_tiny_vae(
         vae.train().to(memory_format=torch.channels_last)
         try:
             for _ in range(steps):
-                images = sample_vae_batch(photos, batch_size, generator).contiguous(memory_format=torch.channels_last)
+                images = sample_vae_batch(photos, batch_size, generator, extra_images=extra_images,
+                                          extra_fraction=extra_fraction).contiguous(memory_format=torch.channels_last)
                 posterior = vae.encode(images).latent_dist
                 reconstruction = vae.decode(posterior.sample(generator=generator)).sample
                 # Per pixel: MSE + KL weight * KL summed over the latent / pixels in the image.
@@ -297,7 +309,8 @@ def fit_tiny_vae(
         finally:
             vae.eval().to(memory_format=torch.contiguous_format)
             vae.zero_grad(set_to_none=True)
-        normalise_latent_scale(vae, sample_vae_batch(photos, VAE_LATENT_SCALE_SAMPLES, generator))
+        normalise_latent_scale(vae, sample_vae_batch(photos, VAE_LATENT_SCALE_SAMPLES, generator,
+                                                     extra_images=extra_images, extra_fraction=extra_fraction))
     return losses
 
 
