@@ -124,20 +124,20 @@ class LatentDiffusionModule(DiffusionObjective):
         """The adjusted latents ``x_a`` on the UNet's scale: cached, or encoded now."""
         if isinstance(batch, CachedBatch):
             return batch.latent
-        _, adjusted = codec.encode_adjusted(self.vae, self.transparent_encoder, batch.rgb, batch.alpha)
-        return codec.diffusion_latent(self.vae, adjusted)
+        return self.plain_and_adjusted_latents(batch)[1]
+
+    @torch.no_grad()
+    def plain_and_adjusted_latents(self, batch: ImageBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen VAE's latents ``x`` and the adjusted ``x_a`` of the same images, from one
+        encoding, both on the UNet's scale."""
+        plain, adjusted = codec.encode_adjusted(self.vae, self.transparent_encoder, batch.rgb, batch.alpha)
+        return codec.diffusion_latent(self.vae, plain), codec.diffusion_latent(self.vae, adjusted)
 
     def _added_conditions(self, batch: ImageBatch | CachedBatch, prompts: PromptEmbeddings, latents: torch.Tensor) -> dict | None:
         target_size = tuple(side * self.vae_scale_factor for side in latents.shape[-2:])
         return self.conditioning.added_conditions(prompts, batch.original_size, batch.crop_top_left, target_size)
 
     # -- the objective -------------------------------------------------------------------
-
-    @torch.no_grad()
-    def plain_latents(self, batch: ImageBatch) -> torch.Tensor:
-        """The frozen VAE's latents ``x`` of the same images, without the transparency offset."""
-        plain, _ = codec.encode_adjusted(self.vae, self.transparent_encoder, batch.rgb, batch.alpha)
-        return codec.diffusion_latent(self.vae, plain)
 
     def compute_loss(
         self, batch: ImageBatch | CachedBatch, generator: torch.Generator, latents: torch.Tensor | None = None
@@ -173,17 +173,21 @@ class LatentDiffusionModule(DiffusionObjective):
 
     def validation_step(self, batch: ImageBatch | CachedBatch, batch_idx: int) -> torch.Tensor:
         generator = self._validation_generator
+        if not isinstance(batch, ImageBatch):
+            loss = self.compute_loss(batch, generator)["loss"]
+            self.log("val/loss", loss, prog_bar=True, batch_size=len(batch.caption), sync_dist=True)
+            return loss
+        plain_latents, adjusted_latents = self.plain_and_adjusted_latents(batch)
         draws = generator.get_state()
-        loss = self.compute_loss(batch, generator)["loss"]
+        loss = self.compute_loss(batch, generator, latents=adjusted_latents)["loss"]
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch.caption), sync_dist=True)
-        if isinstance(batch, ImageBatch):
-            # LD sec. 3.1's premise, measured: the same draws on the plain latents x. A pretrained
-            # UNet that has never seen the offset should find both about equally hard.
-            after = generator.get_state()
-            generator.set_state(draws)
-            plain = self.compute_loss(batch, generator, latents=self.plain_latents(batch))["loss"]
-            generator.set_state(after)
-            self.log("val/loss_plain", plain, batch_size=len(batch.caption), sync_dist=True)
+        # LD sec. 3.1's premise, measured: the same draws on the plain latents x. A pretrained
+        # UNet that has never seen the offset should find both about equally hard.
+        after = generator.get_state()
+        generator.set_state(draws)
+        plain = self.compute_loss(batch, generator, latents=plain_latents)["loss"]
+        generator.set_state(after)
+        self.log("val/loss_plain", plain, batch_size=len(batch.caption), sync_dist=True)
         return loss
 
     # -- generation: train.py predict and the TransparentSamples callback ------------------
