@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -188,13 +189,20 @@ def assemble_tiny_sdxl(tokenizer_root: Path, seed: int) -> StableDiffusionXLPipe
 def pretrained_weights_version(path: Path = PRETRAINED_WEIGHTS) -> str:
     """The build version and a digest of the weights file: the cache folder of the pretrained
     model changes whenever either does."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else "missing"
-    return f"{TINY_SDXL_VERSION}-{digest}"
+    if not path.is_file():
+        return f"{TINY_SDXL_VERSION}-missing"
+    stat = path.stat()
+    return f"{TINY_SDXL_VERSION}-{_file_digest(path, stat.st_size, stat.st_mtime_ns)}"
 
 
-def load_pretrained_weights(pipeline: StableDiffusionXLPipeline, path: Path = PRETRAINED_WEIGHTS) -> dict:
-    """Load the pretrained VAE and UNet (fp16 in the file) into ``pipeline``, strictly; return the
-    file's recipe and held-out metrics."""
+@functools.cache
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    # Keyed by size and modification time too, so a file rewritten in this process is hashed again.
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def load_pretrained_weights(pipeline: StableDiffusionXLPipeline, path: Path = PRETRAINED_WEIGHTS) -> None:
+    """Load the pretrained VAE and UNet (fp16 in the file) into ``pipeline``, strictly."""
     if not path.is_file():
         raise FileNotFoundError(
             f"the pretrained tiny model's weights {path} are missing: they are part of the repository "
@@ -212,7 +220,6 @@ def load_pretrained_weights(pipeline: StableDiffusionXLPipeline, path: Path = PR
         prefix = f"{part}."
         weights = {name[len(prefix):]: value.float() for name, value in state.items() if name.startswith(prefix)}
         module.load_state_dict(weights, strict=True)
-    return {key: json.loads(metadata[key]) for key in ("recipe", "metrics") if key in metadata}
 
 
 def build_tiny_sdxl(out_dir: Path, seed: int = 0, pretrained: bool = False) -> Path:
