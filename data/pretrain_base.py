@@ -42,7 +42,7 @@ from layerdiff.batches import LayeredBatch
 from layerdiff.files import write_atomically
 from layerdiff.models import codec
 from layerdiff.models.base import TextEncoders
-from layerdiff.models.text import PromptEmbeddings, encode_prompts, sdxl_time_ids
+from layerdiff.models.text import PromptConditioning, PromptEmbeddings, encode_prompts
 from layerdiff.models.tiny import PRETRAINED_FORMAT, assemble_tiny_sdxl
 from layerdiff.models.tiny_vae import (
     VAE_HELD_OUT_PHOTO,
@@ -50,6 +50,7 @@ from layerdiff.models.tiny_vae import (
     fit_tiny_vae,
     load_photo,
     random_crop,
+    torch_threads,
 )
 from layerdiff.rgba import premultiply_on_grey
 
@@ -105,13 +106,8 @@ def demo_images(split: str, limit: int | None, seed: int) -> tuple[RGBImages, to
 
 def pretrain(recipe: PretrainRecipe, log=print) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train the tiny model's VAE and UNet by ``recipe``; their fp16 state and the held-out metrics."""
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(recipe.threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            return _pretrain(recipe, log)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with torch_threads(recipe.threads), torch.random.fork_rng(devices=[]):
+        return _pretrain(recipe, log)
 
 
 def _pretrain(recipe: PretrainRecipe, log) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -136,8 +132,9 @@ def _pretrain(recipe: PretrainRecipe, log) -> tuple[dict[str, torch.Tensor], dic
     train_latents, train_prompts = encode_images(vae, text_encoders, train)
     val_latents, val_prompts = encode_images(vae, text_encoders, val)
     empty = encode_prompts(text_encoders, [""])
+    conditioning = PromptConditioning(text_encoders)
     scheduler = pipeline.scheduler
-    random_unet_loss = held_out_denoising_loss(unet, scheduler, val_latents, val_prompts, recipe.seed)
+    random_unet_loss = held_out_denoising_loss(unet, scheduler, conditioning, val_latents, val_prompts, recipe.seed)
 
     start = time.perf_counter()
     unet.train().requires_grad_(True)
@@ -152,7 +149,7 @@ def _pretrain(recipe: PretrainRecipe, log) -> tuple[dict[str, torch.Tensor], dic
         latents, hidden, pooled = train_latents[rows], train_prompts.hidden[rows], train_prompts.pooled[rows]
         draws = diffusion.draw(generator, [latents.shape], scheduler.config.num_train_timesteps, recipe.caption_dropout)
         prompts = PromptEmbeddings(hidden, pooled).select(draws.drop[0], empty)
-        loss = _denoising_loss(unet, scheduler, latents, prompts, draws.noise[0], draws.timesteps)
+        loss = _denoising_loss(unet, scheduler, conditioning, latents, prompts, draws.noise[0], draws.timesteps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -169,7 +166,8 @@ def _pretrain(recipe: PretrainRecipe, log) -> tuple[dict[str, torch.Tensor], dic
         "vae_psnr_held_out_emoji_blend": vae_psnr(vae, val.pixels[: len(val_premultiplied)] * 2 - 1),
         "vae_psnr_held_out_emoji_on_grey": vae_psnr(vae, val_premultiplied),
         "unet_held_out_loss_random": random_unet_loss,
-        "unet_held_out_loss_pretrained": held_out_denoising_loss(unet, scheduler, val_latents, val_prompts, recipe.seed),
+        "unet_held_out_loss_pretrained": held_out_denoising_loss(unet, scheduler, conditioning, val_latents, val_prompts,
+                                                                 recipe.seed),
     }
     state = {f"vae.{name}": value for name, value in vae.state_dict().items()}
     state |= {f"unet.{name}": value for name, value in unet.state_dict().items()}
@@ -184,26 +182,26 @@ def encode_images(vae, text_encoders, images: RGBImages) -> tuple[torch.Tensor, 
     return latents, encode_prompts(text_encoders, images.captions)
 
 
-def _denoising_loss(unet, scheduler, latents, prompts, noise, timesteps) -> torch.Tensor:
+def _denoising_loss(unet, scheduler, conditioning: PromptConditioning, latents, prompts, noise, timesteps) -> torch.Tensor:
     alphas_cumprod = scheduler.alphas_cumprod
     noisy = diffusion.add_noise(alphas_cumprod, latents, noise, timesteps)
-    size = VAE_IMAGE_SIZE
-    time_ids = sdxl_time_ids(torch.tensor([[size, size]]).expand(len(latents), 2),
-                             torch.zeros(len(latents), 2, dtype=torch.int64), (size, size))
-    prediction = unet(noisy, timesteps, encoder_hidden_states=prompts.hidden,
-                      added_cond_kwargs={"text_embeds": prompts.pooled, "time_ids": time_ids}).sample
+    size = VAE_IMAGE_SIZE  # whole images, uncropped
+    added = conditioning.added_conditions(prompts, torch.tensor([[size, size]]).expand(len(latents), 2),
+                                          torch.zeros(len(latents), 2, dtype=torch.int64), (size, size))
+    prediction = unet(noisy, timesteps, encoder_hidden_states=prompts.hidden, added_cond_kwargs=added).sample
     target = diffusion.target(scheduler.config.prediction_type, alphas_cumprod, latents, noise, timesteps)
     return diffusion.denoising_loss(prediction, target)
 
 
 @torch.no_grad()
-def held_out_denoising_loss(unet, scheduler, latents, prompts, seed: int, repeats: int = 4) -> float:
+def held_out_denoising_loss(unet, scheduler, conditioning: PromptConditioning, latents, prompts, seed: int,
+                            repeats: int = 4) -> float:
     """The mean noise-prediction MSE over ``repeats`` fixed draws of timestep and noise per image."""
     generator = torch.Generator().manual_seed(seed + 12345)
     total = 0.0
     for _ in range(repeats):
         draws = diffusion.draw(generator, [latents.shape], scheduler.config.num_train_timesteps)
-        total += _denoising_loss(unet, scheduler, latents, prompts, draws.noise[0], draws.timesteps).item()
+        total += _denoising_loss(unet, scheduler, conditioning, latents, prompts, draws.noise[0], draws.timesteps).item()
     return total / repeats
 
 

@@ -51,14 +51,15 @@ def test_the_committed_file_is_the_current_recipes_output_in_shape(committed):
 
 
 @pytest.mark.slow
-def test_the_pretrained_model_reconstructs_and_denoises_held_out_images(tmp_path):
+def test_the_pretrained_model_reconstructs_and_denoises_held_out_images(committed, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     from layerdiff.models.base import TextEncoders
+    from layerdiff.models.text import PromptConditioning
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(build_tiny_sdxl(tmp_path / "model", pretrained=True))
     random = StableDiffusionXLPipeline.from_pretrained(build_tiny_sdxl(tmp_path / "random"))
-    metrics = json.loads(committed_metadata()["metrics"])
+    metrics = json.loads(committed[1]["metrics"])
     photo_psnr = vae_psnr(pipeline.vae, held_out_photo_crops(0))
     assert photo_psnr >= MIN_PHOTO_PSNR_DB
     assert photo_psnr == pytest.approx(metrics["vae_psnr_held_out_photo"], abs=0.1)  # fp16 weights
@@ -66,9 +67,10 @@ def test_the_pretrained_model_reconstructs_and_denoises_held_out_images(tmp_path
 
     val, _ = demo_images("val", None, 1)
     text_encoders = TextEncoders((pipeline.tokenizer, pipeline.tokenizer_2), (pipeline.text_encoder, pipeline.text_encoder_2))
+    conditioning = PromptConditioning(text_encoders)
     latents, prompts = encode_images(pipeline.vae, text_encoders, val)
-    pretrained_loss = held_out_denoising_loss(pipeline.unet, pipeline.scheduler, latents, prompts, 0)
-    random_loss = held_out_denoising_loss(random.unet, pipeline.scheduler, latents, prompts, 0)
+    pretrained_loss = held_out_denoising_loss(pipeline.unet, pipeline.scheduler, conditioning, latents, prompts, 0)
+    random_loss = held_out_denoising_loss(random.unet, pipeline.scheduler, conditioning, latents, prompts, 0)
     assert pretrained_loss < MAX_PRETRAINED_TO_RANDOM_LOSS * random_loss
     assert pretrained_loss == pytest.approx(metrics["unet_held_out_loss_pretrained"], rel=0.02)
 
@@ -87,8 +89,3 @@ def test_the_pretrained_build_needs_seed_zero_and_its_file(tmp_path):
         build_tiny_sdxl(tmp_path / "model", seed=1, pretrained=True)
     with pytest.raises(FileNotFoundError, match="python -m data pretrain-base"):
         load_pretrained_weights(None, tmp_path / "absent.safetensors")
-
-
-def committed_metadata() -> dict[str, str]:
-    with safe_open(PRETRAINED_WEIGHTS, framework="pt") as handle:
-        return handle.metadata()

@@ -291,7 +291,7 @@ def fit_tiny_vae(
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_factor)
     losses = []
-    with _torch_threads(VAE_FIT_THREADS), torch.random.fork_rng(devices=[]):
+    with torch_threads(VAE_FIT_THREADS), torch.random.fork_rng(devices=[]):
         vae.train().to(memory_format=torch.channels_last)
         try:
             for _ in range(steps):
@@ -336,7 +336,8 @@ def _uniform(generator: torch.Generator) -> float:
 
 
 @contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block on ``count`` torch threads (deterministic CPU fits), then restore the count."""
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
