@@ -217,7 +217,9 @@ def main() -> None:
         results: dict[tuple[str, str], list[dict[str, float]]] = {}
         for round_index in range(args.rounds):
             for path, shards in paths.items():
-                for side, command in (("ours", ours), ("bare", bare)):
+                sides = (("ours", ours), ("bare", bare))
+                # Alternating which side runs first, so a drift in the machine's speed favours neither.
+                for side, command in sides if round_index % 2 == 0 else sides[::-1]:
                     root = Path(work) / f"{side}-{path.replace(' ', '-')}-{round_index}"
                     root.mkdir()
                     outcome = run(command(shards, export, args.steps, root), root, args.warmup)
@@ -231,7 +233,8 @@ def main() -> None:
         f"`python -m benchmarks.framework_overhead --rounds {args.rounds} --steps {args.steps}` on "
         f"{machine_description()}, load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min) "
         f"at the end. Embedded tiny SDXL, 64 px, batch {BATCH_SIZE}, LoRA rank {LORA_RANK}, fp32, one thread, "
-        "one loader worker; ratios paired within each round, then their median. " + BARE_LOOP_NOTE, "",
+        "one loader worker; ratios paired within each round (the side that runs first alternates), then their "
+        "median. " + BARE_LOOP_NOTE, "",
         "| data | ours ms/step | bare loop ms/step | ours / bare (median, min-max) | first step: ours / bare (s) |",
         "| --- | --- | --- | --- | --- |",
     ]  # fmt: skip
