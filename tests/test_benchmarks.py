@@ -74,3 +74,16 @@ def test_the_sharing_ablation_trains_every_mode_and_tabulates_them(tiny_sdxl, ti
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| `")]
     assert [row.split("|")[1].strip() for row in rows] == ["`none`", "`concat`", "`frame`"]
+
+
+@pytest.mark.slow
+def test_the_premise_benchmark_fine_tunes_both_starts_and_compares_them(tiny_transparent_vae):
+    command = [sys.executable, "-m", "benchmarks.premise", "--transparent-vae", str(tiny_transparent_vae), "--no-write",
+               "--", "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+               "--data.init_args.batch_size=2"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| pretrained UNet", "| random UNet"))]
+    assert [row.split("|")[1].strip() for row in rows] == ["pretrained UNet", "random UNet"]
+    assert all(float(cell) > 0 for row in rows for cell in row.split("|")[2:6])
+    assert "Reading it: before any fine-tuning" in result.stdout
