@@ -5,7 +5,7 @@ Bottom to top; a module may import its own layer and the layers below, never abo
 0. core utilities: colour maths, atomic files, resume state, paths, the private-API shims
 1. ``layerdiff.models``: plain ``nn.Module``s and the base-model loaders
 2. the maths of training: losses, the diffusion step, metrics, optimizers, sharding
-3. file formats: checkpoints, the LayerDiffuse VAE files, LoRA layouts, the export CLI
+3. file formats: checkpoints, the LayerDiffuse VAE files, LoRA layouts, mattes, the export and evaluate CLIs
 4. ``layerdiff.pipelines``: generation
 5. ``layerdiff.modules``: one LightningModule per objective
 6. ``data`` and ``callbacks``
@@ -47,6 +47,7 @@ LAYERS: dict[str, int] = {
     "layerdiff.formats": 3,
     "layerdiff.export": 3,
     "layerdiff.export_lora": 3,
+    "layerdiff.evaluate": 3,
     "layerdiff.pipelines": 4,
     "layerdiff.modules": 5,
     "data": 6,
