@@ -94,6 +94,24 @@ def target(
     raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction'; got {prediction_type!r}")
 
 
+def clean_estimate(
+    prediction_type: PredictionType,
+    alphas_cumprod: torch.Tensor,
+    noisy: torch.Tensor,
+    prediction: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """The UNet's estimate of ``x_0`` from ``x_t`` and its output: ``(x_t - sqrt(1 - alpha_bar_t) eps)
+    / sqrt(alpha_bar_t)`` for epsilon prediction, ``sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v``
+    for v prediction (the inverse of :func:`add_noise` and :func:`target`)."""
+    signal, sigma = _schedule_at(alphas_cumprod, timesteps, noisy)
+    if prediction_type == "epsilon":
+        return (noisy - sigma * prediction) / signal
+    if prediction_type == "v_prediction":
+        return signal * noisy - sigma * prediction
+    raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction'; got {prediction_type!r}")
+
+
 def signal_to_noise_ratio(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """``SNR(t) = alpha_bar_t / (1 - alpha_bar_t)`` of a variance-preserving schedule."""
     alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()

@@ -1,12 +1,14 @@
 """Loss functions as pure functions of tensors, each naming the equation it implements.
 
-"LD" is LayerDiffusion (Zhang & Agrawala 2024, arXiv:2402.17113); the diffusion objective
-(LD eq. 7) is in :mod:`layerdiff.diffusion`. Norms
+"LD" is LayerDiffusion (Zhang & Agrawala 2024, arXiv:2402.17113), "DM" DiffuMatting (Hu et al.,
+ECCV 2024, arXiv:2403.06168); the diffusion objective (LD eq. 7) is in :mod:`layerdiff.diffusion`. Norms
 written ``||.||_2`` in the paper are implemented as per-element mean squared errors, the
 usual reading in latent-diffusion code (it only rescales the loss weights).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,3 +80,70 @@ def transparent_vae_generator_loss(
     if adversarial is not None:
         total = total + adversarial_weight * adversarial
     return total
+
+
+def green_background_loss(
+    attention_maps: Sequence[torch.Tensor], background: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """DM sec. 3.3, the green-background control loss: the cross-attention map ``A_j`` of the
+    "green" token pushed toward the background mask ``1 - M``.
+
+    ``attention_maps``: one ``[B, h, w]`` map per captured layer (averaged over heads, already
+    normalised by the caller); ``background``: ``1 - M`` as ``[B, 1, H, W]`` in [0, 1], area-
+    averaged to each map's size. The squared error is averaged over pixels, then over the
+    samples whose ``weights`` are 1 (0 leaves a sample out: a dropped caption has no green
+    token), then over maps.
+    """
+    if not attention_maps:
+        raise ValueError("green_background_loss needs at least one attention map")
+    batch = background.shape[0]
+    weights = background.new_ones(batch) if weights is None else weights.to(background)
+    losses = []
+    for attention in attention_maps:
+        target = F.adaptive_avg_pool2d(background.float(), attention.shape[-2:])[:, 0]
+        per_sample = (attention.float() - target).square().flatten(1).mean(dim=1)
+        losses.append((per_sample * weights).sum() / weights.sum().clamp_min(1.0))
+    return torch.stack(losses).mean()
+
+
+def sobel_magnitude(image: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """DM sec. 3.4's high-frequency map ``H = sqrt((S_x * X)^2 + (S_y * X)^2)``, per channel of a
+    ``[B, C, H, W]`` tensor, edges replicated. ``eps`` inside the root keeps its gradient finite
+    where the image is flat; subtracting ``sqrt(eps)`` keeps a flat image's map exactly zero."""
+    sobel_x = image.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    kernels = torch.stack([sobel_x, sobel_x.T])[:, None]  # [2, 1, 3, 3]
+    channels = image.shape[1]
+    padded = F.pad(image, (1, 1, 1, 1), mode="replicate")
+    gradients = F.conv2d(padded, kernels.repeat(channels, 1, 1, 1), groups=channels)  # [B, 2C, H, W]
+    gx, gy = gradients[:, 0::2], gradients[:, 1::2]
+    return torch.sqrt(gx.square() + gy.square() + eps) - eps**0.5
+
+
+def transition_band(alpha: torch.Tensor, width: int = 1) -> torch.Tensor:
+    """Where the matte changes: pixels within ``width`` of a change in alpha (its morphological
+    gradient over a ``2 width + 1`` window is above one 8-bit level). ``[B, 1, H, W]`` in [0, 1] ->
+    the same shape, 0 or 1. Soft alpha (hair, glass) is in the band wherever it varies."""
+    window = 2 * width + 1
+    dilated = F.max_pool2d(alpha, window, stride=1, padding=width)
+    eroded = -F.max_pool2d(-alpha, window, stride=1, padding=width)
+    return ((dilated - eroded) > 1.0 / 255.0).to(alpha.dtype)
+
+
+def transition_boundary_loss(
+    prediction: torch.Tensor, target: torch.Tensor, band: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """DM sec. 3.4, the detail-enhancement (transition boundary) loss: the Sobel maps of the
+    predicted clean image (or latent) and of the target, compared where the matte changes.
+
+    ``band``: ``[B, 1, H', W']`` from :func:`transition_band`, max-pooled to the tensors' size (a
+    latent pixel that covers any boundary pixel counts). Per sample, the squared error averaged
+    over its band pixels and channels, times its ``weights`` entry (default 1); then the mean
+    over the samples that have a band.
+    """
+    mask = F.adaptive_max_pool2d(band.float(), prediction.shape[-2:])
+    error = (sobel_magnitude(prediction.float()) - sobel_magnitude(target.float())).square() * mask
+    area = mask.flatten(1).sum(dim=1) * prediction.shape[1]
+    per_sample = error.flatten(1).sum(dim=1) / area.clamp_min(1.0)
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample)
+    return per_sample.sum() / (area > 0).sum().clamp_min(1)

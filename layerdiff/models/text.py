@@ -69,6 +69,24 @@ def encode_prompts(text_encoders: TextEncoders, prompts: Sequence[str], device: 
     return encode_tokens(text_encoders, tokenize_prompts(text_encoders.tokenizers, prompts), device)
 
 
+def keyword_token_weights(token_ids: torch.Tensor, keyword_ids: Sequence[int]) -> torch.Tensor:
+    """Where a keyword (e.g. "green", one or several tokens) sits in each caption's token ids:
+    ``[B, T]`` weights, ``1 / len(keyword_ids)`` on the tokens of its last occurrence (a caption
+    template appends it), 0 elsewhere; a row without the keyword is all zeros."""
+    length = len(keyword_ids)
+    if length == 0:
+        raise ValueError("the keyword has no tokens")
+    weights = torch.zeros(token_ids.shape, dtype=torch.float32)
+    windows = token_ids.unfold(1, length, 1)  # [B, T - length + 1, length]
+    found = (windows == torch.as_tensor(keyword_ids, dtype=token_ids.dtype)).all(dim=-1)
+    for row, starts in enumerate(found):
+        positions = starts.nonzero()
+        if len(positions):
+            start = int(positions[-1])
+            weights[row, start:start + length] = 1.0 / length
+    return weights
+
+
 class CaptionTokenizer:
     """A loader batch transform: fills in the token ids of a batch's captions (each layer's, in a
     layered batch), so the DataLoader workers tokenize and the training step only encodes. A

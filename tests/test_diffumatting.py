@@ -1,0 +1,150 @@
+"""DiffuMatting's parts: its two losses against hand-worked values, the keyword's tokens, the
+attention capture against diffusers' own attention, the green-screen transform, and the
+module's refusal of captions it cannot supervise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data.transforms import GreenScreen
+from layerdiff.losses import green_background_loss, sobel_magnitude, transition_band, transition_boundary_loss
+from layerdiff.models.attention import TokenAttention, capture_token_attention
+from layerdiff.models.text import keyword_token_weights
+from support.shards import tiny_sample
+
+# -- the green-background control loss (DiffuMatting sec. 3.3) ------------------------------
+
+
+def test_an_attention_map_equal_to_the_background_gives_zero_green_loss():
+    background = torch.zeros(2, 1, 8, 8)
+    background[:, :, :4] = 1.0  # top half background, in blocks of the 4 x 4 map's cells
+    maps = [background[:, 0, ::2, ::2].clone(), background[:, 0, ::4, ::4].clone()]
+    assert green_background_loss(maps, background) == 0.0
+
+
+def test_the_green_loss_is_the_mean_squared_gap_over_kept_samples_and_maps():
+    background = torch.ones(2, 1, 4, 4)
+    maps = [torch.zeros(2, 4, 4), torch.full((2, 2, 2), 0.5)]
+    assert green_background_loss(maps, background) == pytest.approx((1.0 + 0.25) / 2)
+    maps[0][1] = 1.0  # sample 1 now matches at the first map; leaving it out changes nothing
+    assert green_background_loss(maps, background, torch.tensor([1.0, 0.0])) == pytest.approx((1.0 + 0.25) / 2)
+    assert green_background_loss(maps, background) == pytest.approx((0.5 + 0.25) / 2)
+
+
+# -- the transition-boundary loss (sec. 3.4) -------------------------------------------------
+
+
+def test_the_sobel_map_of_a_constant_is_zero_and_of_a_ramp_is_eight_times_its_slope():
+    assert torch.equal(sobel_magnitude(torch.full((1, 2, 5, 5), 0.7)), torch.zeros(1, 2, 5, 5))
+    ramp = torch.arange(5.0).repeat(5, 1)[None, None] * 0.5  # slope 0.5 along x
+    magnitude = sobel_magnitude(ramp)[0, 0]
+    # interior: (1 + 2 + 1) * (I(x+1) - I(x-1)) = 4 * 1.0; at a replicated edge half that
+    torch.testing.assert_close(magnitude[:, 1:4], torch.full((5, 3), 4.0), atol=1e-3, rtol=0)
+    torch.testing.assert_close(magnitude[:, 0], torch.full((5,), 2.0), atol=1e-3, rtol=0)
+
+
+def test_the_transition_band_is_the_strip_around_a_change_in_alpha():
+    alpha = torch.zeros(1, 1, 6, 8)
+    alpha[..., 4:] = 1.0  # an edge between columns 3 and 4
+    band = transition_band(alpha, width=1)[0, 0]
+    assert band[:, 3:5].eq(1).all() and band[:, :3].eq(0).all() and band[:, 5:].eq(0).all()
+    assert transition_band(alpha, width=2)[0, 0].sum() == 6 * 4
+    assert transition_band(torch.ones(1, 1, 4, 4)).sum() == 0  # an opaque sample has no boundary
+
+
+def test_the_boundary_loss_by_hand():
+    target = torch.zeros(2, 1, 3, 3)
+    prediction = target.clone()
+    prediction[0, 0] = torch.tensor([0.0, 1.0, 2.0]).repeat(3, 1)  # a ramp of slope 1
+    band = torch.ones(2, 1, 3, 3)
+    band[1] = 0.0  # sample 1 has no boundary: left out of the mean, not counted as zero
+    # Sobel x of [0, 1, 2] with replicated edges: 4 * [1, 2, 1] = [4, 8, 4] on each row;
+    # squared and averaged over the 9 pixels: (16 + 64 + 16) / 3 = 32.
+    assert transition_boundary_loss(prediction, target, band) == pytest.approx(32.0, rel=1e-3)
+    assert transition_boundary_loss(prediction, target, band, torch.tensor([0.5, 1.0])) == pytest.approx(16.0, rel=1e-3)
+    assert transition_boundary_loss(prediction + 3.0, prediction, band) == 0.0  # an offset has no edges
+
+
+# -- which tokens are the keyword ------------------------------------------------------------
+
+
+def test_keyword_weights_mark_the_last_occurrence_of_the_keywords_tokens():
+    ids = torch.tensor([[49406, 7, 70, 81, 9, 70, 81, 49407], [49406, 5, 6, 49407, 49407, 49407, 49407, 49407]])
+    weights = keyword_token_weights(ids, [70, 81])
+    assert weights[0].tolist() == [0, 0, 0, 0, 0, 0.5, 0.5, 0] and weights[1].sum() == 0
+
+
+# -- capturing the keyword's cross-attention -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unet(tiny_sdxl):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet").eval()
+
+
+def unet_inputs(unet, batch=2):
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=generator)
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    added = {"text_embeds": torch.randn(batch, pooled, generator=generator),
+             "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64.0]] * batch)}
+    return torch.randn(batch, 4, 8, 8, generator=generator), torch.tensor([10, 500]), hidden, added
+
+
+def test_capturing_leaves_the_unets_output_unchanged_and_maps_only_the_sizes_asked_for(unet):
+    latents, timesteps, hidden, added = unet_inputs(unet)
+    with torch.no_grad():
+        expected = unet(latents, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+        captures = capture_token_attention(unet)
+        weights = torch.zeros(2, 77)
+        weights[:, 5] = 1.0
+        recording = captures.record(TokenAttention(weights, (8, 8), (2,)))
+        actual = unet(latents, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+        captures.stop()
+        assert torch.equal(actual, expected)
+        cross_attentions = [name for name, _ in unet.named_modules() if name.endswith("attn2")]
+        assert len(recording.maps) == len(cross_attentions) and all(m.shape == (2, 4, 4) for m in recording.maps)
+        nothing = captures.record(TokenAttention(weights, (8, 8), (1, 8)))  # the tiny UNet attends at 4 x 4 only
+        unet(latents, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added)
+        captures.stop()
+        assert nothing.maps == []
+
+
+def test_the_captured_map_is_the_softmax_attention_diffusers_computes(unet):
+    from layerdiff.models.attention import TokenAttentionCapture
+
+    attn = next(module for name, module in unet.named_modules() if name.endswith("attn2"))
+    generator = torch.Generator().manual_seed(1)
+    hidden_states = torch.randn(2, 16, attn.to_q.in_features, generator=generator)
+    context = torch.randn(2, 77, attn.to_k.in_features, generator=generator)
+    weights = torch.zeros(2, 77)
+    weights[0, 3], weights[1, 7:9] = 1.0, 0.5
+    with torch.no_grad():
+        captured = TokenAttentionCapture.token_map(attn, hidden_states, context, weights)
+        query, key = attn.head_to_batch_dim(attn.to_q(hidden_states)), attn.head_to_batch_dim(attn.to_k(context))
+        probabilities = attn.get_attention_scores(query, key).unflatten(0, (2, attn.heads))  # [B, heads, N, T]
+    expected = (probabilities * weights[:, None, None]).sum(-1).mean(1)
+    torch.testing.assert_close(captured, expected)
+
+
+# -- the green-screen samples ------------------------------------------------------------------
+
+
+def test_green_screen_composites_on_green_and_names_the_background_in_the_caption():
+    sample = tiny_sample(0)
+    screened = GreenScreen()(sample)
+    alpha = sample.foreground[..., 3:] / 255.0
+    expected = np.rint(sample.foreground[..., :3] * alpha + np.array([0, 255, 0]) * (1 - alpha))
+    assert np.array_equal(screened.foreground[..., :3], expected.astype(np.uint8))
+    assert np.array_equal(screened.foreground[..., 3], sample.foreground[..., 3])
+    assert screened.caption == f"{sample.caption}, on a green background"
+    assert GreenScreen()(screened).caption == screened.caption  # applied once
+    with pytest.raises(ValueError, match=f"sample {sample.key}.*caption_template"):
+        GreenScreen(caption_template=None)(sample)
+    with pytest.raises(ValueError, match="must hold"):
+        GreenScreen(caption_template="{caption} on blue")
+
