@@ -3,7 +3,9 @@ built on the tiny models; a new module adds one class here."""
 
 from __future__ import annotations
 
-from layerdiff.modules import JointLayerLoRAModule, LatentDiffusionModule, TransparentVAEModule
+from data import ShardDataModule
+from data.transforms import GreenScreen
+from layerdiff.modules import DiffuMattingModule, JointLayerLoRAModule, LatentDiffusionModule, TransparentVAEModule
 from support.contracts import ObjectiveContract, TinyParts
 
 
@@ -52,3 +54,21 @@ class TestJointLayerLoRAModule(ObjectiveContract):
             "learning_rate": 1e-3,
             "caption_dropout": 0.5,
         }
+
+
+class TestDiffuMattingModule(ObjectiveContract):
+    module_class = DiffuMattingModule
+    recipe = ("configs/diffumatting.yaml", "configs/demo/diffumatting.yaml")
+
+    def module_arguments(self, parts: TinyParts) -> dict:
+        return {
+            "base_model": str(parts.sdxl),
+            "lora_rank": 4,
+            "learning_rate": 1e-3,
+            "caption_dropout": 0.5,
+            "green_loss": {"downsampling": [2]},  # the tiny UNet's only cross-attention size
+        }
+
+    def make_data(self, parts: TinyParts) -> ShardDataModule:
+        return ShardDataModule(parts.train_shards, parts.val_shards, batch_size=2, num_workers=0, shuffle_buffer=0,
+                               sample_transform=GreenScreen())

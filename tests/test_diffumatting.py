@@ -148,3 +148,19 @@ def test_green_screen_composites_on_green_and_names_the_background_in_the_captio
     with pytest.raises(ValueError, match="must hold"):
         GreenScreen(caption_template="{caption} on blue")
 
+
+def test_the_module_refuses_a_caption_without_the_keyword(tiny_sdxl):
+    from layerdiff.batches import ImageBatch
+    from layerdiff.modules import DiffuMattingModule
+
+    module = DiffuMattingModule(base_model=str(tiny_sdxl), lora_rank=None, caption_dropout=0.0)
+    batch = ImageBatch(rgb=torch.rand(2, 3, 64, 64), alpha=torch.rand(2, 1, 64, 64),
+                       caption=["a cat, on a green background", "a dog"], key=["cat", "dog"],
+                       original_size=torch.tensor([[64, 64]] * 2), crop_top_left=torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"sample dog: its caption 'a dog' has no 'green' token.*GreenScreen"):
+        module.compute_loss(batch, torch.Generator().manual_seed(0))
+    batch.caption[1] = "a dog on a green background"
+    terms = module.compute_loss(batch, torch.Generator().manual_seed(0))
+    assert set(terms) == {"noise", "green", "boundary", "loss"} and all(term.isfinite() for term in terms.values())
+    total = terms["noise"] + terms["green"] + terms["boundary"]
+    torch.testing.assert_close(terms["loss"], total)

@@ -1,7 +1,8 @@
 """One thin LightningModule per training objective."""
 
+from layerdiff.modules.diffumatting import DiffuMattingModule
 from layerdiff.modules.joint_layers import JointLayerLoRAModule
 from layerdiff.modules.latent_diffusion import LatentDiffusionModule
 from layerdiff.modules.transparent_vae import TransparentVAEModule
 
-__all__ = ["JointLayerLoRAModule", "LatentDiffusionModule", "TransparentVAEModule"]
+__all__ = ["DiffuMattingModule", "JointLayerLoRAModule", "LatentDiffusionModule", "TransparentVAEModule"]

@@ -29,12 +29,16 @@ class DiffusionObjective(FrozenBaseModule):
     trained = TrainedParts(exported=("unet",))
     generators = ("noise",)  # timesteps, noise and caption dropout of training steps
 
-    def load_base(self, transparent_vae: str, base_model: str, base_revision: str | None, prediction_type: str | None) -> None:
-        """The frozen parts: VAE, transparency encoder and decoder, text encoders, scheduler."""
+    def load_base(self, transparent_vae: str | None, base_model: str, base_revision: str | None,
+                  prediction_type: str | None) -> None:
+        """The frozen parts: VAE, transparency encoder and decoder (none for an objective on opaque
+        images: ``transparent_vae=None``), text encoders, scheduler."""
         self.architecture = detect_architecture(base_model, revision=base_revision)
         self.vae = freeze(load_vae(base_model, revision=base_revision))
-        encoder, decoder = load_transparency_models(transparent_vae)
-        self.transparent_encoder, self.transparent_decoder = freeze(encoder), freeze(decoder)
+        self.transparent_encoder = self.transparent_decoder = None
+        if transparent_vae is not None:
+            encoder, decoder = load_transparency_models(transparent_vae)
+            self.transparent_encoder, self.transparent_decoder = freeze(encoder), freeze(decoder)
         self.text_encoders = load_text_encoders(base_model, revision=base_revision)
         self.text_encoder_modules = torch.nn.ModuleList(freeze(encoder) for encoder in self.text_encoders.encoders)
         self.conditioning = PromptConditioning(self.text_encoders)
