@@ -46,14 +46,15 @@ class GreenScreen(OverSolidColour):
     (pure green by default), its alpha kept as the matte ``M``, and a caption that names the
     background, so the green-background loss knows which token to supervise.
 
-    ``caption_template`` (``"{caption}, on a green background"`` by default) is applied to every
-    caption that does not already contain its words; the loss reads the keyword's last
-    occurrence, the template's. With ``caption_template: null`` the captions must name
+    ``caption_template`` (``"green background, {caption}"`` by default: at the start, so that a
+    long caption cut at the text encoder's 77 tokens keeps it) is applied to every caption that
+    does not already contain its words; the loss reads the keyword's first occurrence, the
+    template's. With ``caption_template: null`` the captions must name
     ``keyword`` themselves, and one that does not is an error naming the sample.
     """
 
     def __init__(self, colour: tuple[int, int, int] = (0, 255, 0), keyword: str = "green",
-                 caption_template: str | None = "{caption}, on a green background"):
+                 caption_template: str | None = "green background, {caption}"):
         super().__init__(colour)
         if not keyword.strip() or " " in keyword.strip():
             raise ValueError(f"keyword must be one word, got {keyword!r}")
@@ -66,7 +67,7 @@ class GreenScreen(OverSolidColour):
     def __call__(self, sample: LayerSample) -> LayerSample:
         sample = super().__call__(sample)
         if self.caption_template is not None:
-            # The template's own words (", on a green background"): kept if the caption already ends so,
+            # The template's own words ("green background"): kept if the caption already has them,
             # added otherwise, also to "a green apple", whose green is not the background's.
             fixed = self.caption_template.replace("{caption}", "").strip(" ,").lower()
             if fixed in sample.caption.lower():
@@ -75,7 +76,7 @@ class GreenScreen(OverSolidColour):
         if not _has_word(sample.caption, self.keyword):
             raise ValueError(f"sample {sample.key} ({sample.url or 'no shard'}): its caption {sample.caption!r} does not "
                              f"name the {self.keyword!r} background the green-background loss supervises; add it to the "
-                             "captions, or set GreenScreen's caption_template (e.g. '{caption}, on a green background')")
+                             "captions, or set GreenScreen's caption_template (e.g. 'green background, {caption}')")
         return sample
 
 

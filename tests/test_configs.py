@@ -30,6 +30,8 @@ STACKS = [
     ("fit", ("joint_sd15.yaml",)),
     ("fit", ("diffumatting.yaml",)),
     ("fit", ("diffumatting.yaml", "demo/diffumatting.yaml")),
+    ("predict", ("diffumatting.yaml", "predict_matting.yaml")),
+    ("predict", ("diffumatting.yaml", "demo/diffumatting.yaml", "predict_matting.yaml", "demo/predict_matting.yaml")),
     ("predict", ("joint_lora.yaml", "demo/joint_lora.yaml", "predict_layers.yaml", "demo/predict_layers.yaml")),
     ("predict", ("latent_diffusion.yaml", "predict.yaml")),
     ("predict", ("latent_diffusion.yaml", "demo/latent_diffusion.yaml", "predict.yaml", "demo/predict.yaml")),

@@ -59,6 +59,7 @@ class TestJointLayerLoRAModule(ObjectiveContract):
 class TestDiffuMattingModule(ObjectiveContract):
     module_class = DiffuMattingModule
     recipe = ("configs/diffumatting.yaml", "configs/demo/diffumatting.yaml")
+    artefacts = ("samples/step_*.png",)
 
     def module_arguments(self, parts: TinyParts) -> dict:
         return {

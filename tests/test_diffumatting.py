@@ -70,10 +70,10 @@ def test_the_boundary_loss_by_hand():
 # -- which tokens are the keyword ------------------------------------------------------------
 
 
-def test_keyword_weights_mark_the_last_occurrence_of_the_keywords_tokens():
+def test_keyword_weights_mark_the_first_occurrence_of_the_keywords_tokens():
     ids = torch.tensor([[49406, 7, 70, 81, 9, 70, 81, 49407], [49406, 5, 6, 49407, 49407, 49407, 49407, 49407]])
     weights = keyword_token_weights(ids, [70, 81])
-    assert weights[0].tolist() == [0, 0, 0, 0, 0, 0.5, 0.5, 0] and weights[1].sum() == 0
+    assert weights[0].tolist() == [0, 0, 0.5, 0.5, 0, 0, 0, 0] and weights[1].sum() == 0
 
 
 # -- capturing the keyword's cross-attention -------------------------------------------------
@@ -141,7 +141,7 @@ def test_green_screen_composites_on_green_and_names_the_background_in_the_captio
     expected = np.rint(sample.foreground[..., :3] * alpha + np.array([0, 255, 0]) * (1 - alpha))
     assert np.array_equal(screened.foreground[..., :3], expected.astype(np.uint8))
     assert np.array_equal(screened.foreground[..., 3], sample.foreground[..., 3])
-    assert screened.caption == f"{sample.caption}, on a green background"
+    assert screened.caption == f"green background, {sample.caption}"
     assert GreenScreen()(screened).caption == screened.caption  # applied once
     with pytest.raises(ValueError, match=f"sample {sample.key}.*caption_template"):
         GreenScreen(caption_template=None)(sample)
@@ -162,5 +162,59 @@ def test_the_module_refuses_a_caption_without_the_keyword(tiny_sdxl):
     batch.caption[1] = "a dog on a green background"
     terms = module.compute_loss(batch, torch.Generator().manual_seed(0))
     assert set(terms) == {"noise", "green", "boundary", "loss"} and all(term.isfinite() for term in terms.values())
-    total = terms["noise"] + terms["green"] + terms["boundary"]
+    total = terms["noise"] + module.green["weight"] * terms["green"] + module.boundary["weight"] * terms["boundary"]
     torch.testing.assert_close(terms["loss"], total)
+
+
+# -- keying the green screen -------------------------------------------------------------------
+
+
+def test_the_chroma_key_unmixes_a_composite_over_green_exactly():
+    from layerdiff.keying import backing_purity, chroma_key_alpha, unmix_foreground
+
+    foreground = torch.tensor([0.9, 0.2, 0.4]).reshape(1, 3, 1, 1).expand(1, 3, 2, 3)  # green below red and blue
+    alpha = torch.tensor([[0.0, 0.25, 0.5], [0.75, 1.0, 1.0]]).reshape(1, 1, 2, 3)
+    green = torch.tensor([0.0, 1.0, 0.0]).reshape(1, 3, 1, 1)
+    composite = alpha * foreground + (1 - alpha) * green
+    # G - max(R, B) = 0.2 a + (1 - a) - 0.9 a = 1 - 1.7 a, so the key reads 1.7 a, clipped at 1:
+    # the plain key is exact only for a foreground whose green equals its larger other channel.
+    keyed = chroma_key_alpha(composite)
+    torch.testing.assert_close(keyed, (1.7 * alpha).clamp(max=1.0))
+    recovered = unmix_foreground(composite, alpha)
+    torch.testing.assert_close(recovered[..., alpha[0, 0] > 0], foreground[..., alpha[0, 0] > 0])
+    background = alpha < 0.3
+    assert backing_purity(composite, background, tolerance=0.1).tolist() == [0.5]  # a = 0 is pure, 0.25 is not
+    with pytest.raises(ValueError, match="dominant channel"):
+        chroma_key_alpha(composite, key=(0.5, 0.5, 0.5))
+
+
+# -- train.py fit, then predict: green screens and their cutouts ------------------------------
+
+
+@pytest.mark.slow
+def test_fit_then_predict_through_train_py_writes_green_screens_and_their_cutouts(tiny_sdxl, tmp_path):
+    from PIL import Image
+
+    from support.launch import run_train_py
+    from support.shards import write_tiny_shards
+
+    train = ",".join(write_tiny_shards(tmp_path / "shards" / "train", 4, sizes=((64, 64),)))
+    val = ",".join(write_tiny_shards(tmp_path / "shards" / "val", 2, sizes=((64, 64),)))
+    recipe = ["-c", "configs/diffumatting.yaml", "-c", "configs/demo/diffumatting.yaml",
+              f"--model.init_args.base_model={tiny_sdxl}", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    run_train_py("fit", *recipe, "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+                 f"--data.init_args.train_shards={train}", f"--data.init_args.val_shards={val}",
+                 "--data.init_args.batch_size=2", "--data.init_args.num_workers=0")
+    assert list((tmp_path / "run" / "samples").glob("step_*.png"))
+    run_train_py("predict", *recipe, "-c", "configs/predict_matting.yaml", "-c", "configs/demo/predict_matting.yaml",
+                 f"--ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "--data.init_args.prompts=[a cat]",
+                 "--data.init_args.images_per_prompt=2", "--data.init_args.settings.steps=2")
+    generated = tmp_path / "run" / "generated"
+    cutouts = sorted(generated.glob("*.png"))
+    cutouts = [path for path in cutouts if path.name != "contact_sheet.png"]
+    assert len(cutouts) == 2 and (generated / "contact_sheet.png").is_file()
+    for path in cutouts:
+        with Image.open(path) as cutout, Image.open(generated / "screen" / path.name) as screen:
+            assert cutout.mode == "RGBA" and screen.mode == "RGB" and cutout.size == screen.size == (64, 64)
+            assert cutout.text["prompt"] == "green background, a cat" and cutout.text["matte"] == "chroma key"
+        assert (generated / "previews" / path.name).is_file()

@@ -4,7 +4,7 @@ Bottom to top; a module may import its own layer and the layers below, never abo
 
 0. core utilities: colour maths, atomic files, resume state, paths, the private-API shims
 1. ``layerdiff.models``: plain ``nn.Module``s and the base-model loaders
-2. the maths of training: losses, the diffusion step, metrics, optimizers, sharding
+2. the maths of training: losses, the diffusion step, metrics, keying, optimizers, sharding
 3. file formats: checkpoints, the LayerDiffuse VAE files, LoRA layouts, mattes, the export and evaluate CLIs
 4. ``layerdiff.pipelines``: generation
 5. ``layerdiff.modules``: one LightningModule per objective
@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "layerdiff.losses": 2,
     "layerdiff.diffusion": 2,
     "layerdiff.metrics": 2,
+    "layerdiff.keying": 2,
     "layerdiff.optim": 2,
     "layerdiff.distributed": 2,
     "layerdiff.formats": 3,

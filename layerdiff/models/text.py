@@ -71,8 +71,9 @@ def encode_prompts(text_encoders: TextEncoders, prompts: Sequence[str], device: 
 
 def keyword_token_weights(token_ids: torch.Tensor, keyword_ids: Sequence[int]) -> torch.Tensor:
     """Where a keyword (e.g. "green", one or several tokens) sits in each caption's token ids:
-    ``[B, T]`` weights, ``1 / len(keyword_ids)`` on the tokens of its last occurrence (a caption
-    template appends it), 0 elsewhere; a row without the keyword is all zeros."""
+    ``[B, T]`` weights, ``1 / len(keyword_ids)`` on the tokens of its first occurrence (a caption
+    template puts it first, where truncation cannot cut it), 0 elsewhere; a row without the
+    keyword is all zeros."""
     length = len(keyword_ids)
     if length == 0:
         raise ValueError("the keyword has no tokens")
@@ -82,7 +83,7 @@ def keyword_token_weights(token_ids: torch.Tensor, keyword_ids: Sequence[int]) -
     for row, starts in enumerate(found):
         positions = starts.nonzero()
         if len(positions):
-            start = int(positions[-1])
+            start = int(positions[0])
             weights[row, start:start + length] = 1.0 / length
     return weights
 

@@ -17,6 +17,8 @@ from layerdiff.models.lora import DEFAULT_ADAPTER, RELEASED_LORA_TARGETS, add_lo
 from layerdiff.models.text import PromptEmbeddings, keyword_token_weights
 from layerdiff.modules.diffusion_objective import DiffusionObjective
 from layerdiff.optim import LearningRateSchedule, OptimizerName
+from layerdiff.pipelines import GeneratedImage, PromptBatch
+from layerdiff.pipelines.green_screen import GreenScreenGenerator
 
 
 class GreenBackgroundLoss(TypedDict, total=False):
@@ -82,6 +84,9 @@ class DiffuMattingModule(DiffusionObjective):
         lora_alpha: LoRA scale numerator (scale = alpha / rank); defaults to the rank.
         lora_targets: module-name suffixes the LoRA adapts.
         keyword: the caption word whose cross-attention the green-background loss supervises.
+        key_colour: the backing colour of the training images (``GreenScreen``'s ``colour``),
+            which generation keys the matte off.
+        prompt_template: what generation does to a prompt (``GreenScreen``'s ``caption_template``).
         green_loss: :class:`GreenBackgroundLoss` settings.
         boundary_loss: :class:`TransitionBoundaryLoss` settings.
         prediction_type: ``epsilon`` or ``v_prediction``; ``None`` keeps the base model's.
@@ -108,6 +113,8 @@ class DiffuMattingModule(DiffusionObjective):
         lora_alpha: float | None = None,
         lora_targets: tuple[str, ...] = RELEASED_LORA_TARGETS,
         keyword: str = "green",
+        key_colour: tuple[int, int, int] = (0, 255, 0),
+        prompt_template: str = "green background, {caption}",
         green_loss: GreenBackgroundLoss | None = None,
         boundary_loss: TransitionBoundaryLoss | None = None,
         prediction_type: Literal["epsilon", "v_prediction"] | None = None,
@@ -143,6 +150,7 @@ class DiffuMattingModule(DiffusionObjective):
             self.unet.enable_gradient_checkpointing()
         self.attention = capture_token_attention(self.unet)
         self.keyword_ids = self.text_encoders.tokenizers[0](keyword, add_special_tokens=False).input_ids
+        self._image_generator: GreenScreenGenerator | None = None
 
     # -- the objective -------------------------------------------------------------------
 
@@ -195,7 +203,8 @@ class DiffuMattingModule(DiffusionObjective):
             raise ValueError(
                 f"sample {batch.key[row]}: its caption {batch.caption[row]!r} has no {self.hparams.keyword!r} token (or it "
                 "was cut off at the tokenizer's length), so the green-background loss has nothing to supervise: set "
-                "`data.init_args.sample_transform: data.transforms.GreenScreen` (it appends ', on a green background'), "
+                "`data.init_args.sample_transform: data.transforms.GreenScreen` (it starts each caption with 'green "
+                "background, '), "
                 f"or write the keyword into the captions ({len(missing)} of {len(batch)} samples in this batch)")
         return weights * (~dropped)[:, None]
 
@@ -239,6 +248,20 @@ class DiffuMattingModule(DiffusionObjective):
     def on_validation_end(self) -> None:
         self.attention.stop()  # a generation after validation must not capture
         super().on_validation_end()
+
+    # -- generation: train.py predict and the sample callbacks -----------------------------
+
+    def image_generator(self) -> GreenScreenGenerator:
+        """Text -> green screen -> keyed cutout with this module's parts (shared, never copied)."""
+        if self._image_generator is None:
+            hp = self.hparams
+            self._image_generator = GreenScreenGenerator(self.unet, self.vae, self.text_encoders, hp.base_model,
+                                                         hp.base_revision, tuple(hp.key_colour), hp.prompt_template)
+        self.attention.stop()
+        return self._image_generator
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[GeneratedImage]:
+        return self.image_generator()(batch.prompts, batch.seeds, batch.settings, batch.indices)
 
 
 def _settings(name: str, defaults: dict, given: dict | None) -> dict:

@@ -1,6 +1,6 @@
 """Generation around the trained parts: text -> transparent images (``transparent``), with
 community LoRAs stacked on the UNet (``community_lora``); a prompt per layer -> layer sets
-(``joint_layers``)."""
+(``joint_layers``); text -> green screen -> keyed cutout (``green_screen``, DiffuMatting)."""
 
 from layerdiff.pipelines.community_lora import CommunityLora, IncompatibleLoraError, check_lora_fits
 from layerdiff.pipelines.joint_layers import GeneratedLayers, JointLayerGenerator, LayerPromptBatch

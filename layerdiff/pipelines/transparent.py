@@ -13,7 +13,7 @@ each with its own weight, next to the trained adapter at weight 1.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -127,7 +127,8 @@ class GeneratedImage:
 
     ``rgb`` (``3 x H x W``) and ``alpha`` (``1 x H x W``) are float CPU tensors in [0, 1];
     colour is straight (not premultiplied). ``parameters`` holds the prompt, seed, settings,
-    base model and LoRAs, as recorded in the PNG's metadata.
+    base model and LoRAs, as recorded in the PNG's metadata; ``extras`` further ``3 x H x W``
+    images of the same generation, by name, that the writer saves beside it.
     """
 
     index: int
@@ -136,6 +137,7 @@ class GeneratedImage:
     rgb: torch.Tensor
     alpha: torch.Tensor
     parameters: dict[str, Any]
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. the green screen it was keyed from
 
 
 def load_scheduler_config(base_model: str, revision: str | None = None) -> dict[str, Any]:
@@ -264,6 +266,11 @@ class TransparentImageGenerator:
             "decode_augmentation": self.decode_augmentation,
         }
 
+    def decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Generated latents -> ``(alpha, rgb, extras)``: here the transparency decoder's RGBA."""
+        alpha, rgb = codec.decode_rgba(self.pipeline.vae, self.transparent_decoder, latents, self.decode_augmentation)
+        return alpha, rgb, {}
+
     @torch.no_grad()
     def __call__(
         self,
@@ -298,10 +305,9 @@ class TransparentImageGenerator:
             generator=[torch.Generator().manual_seed(int(seed)) for seed in seeds],
             output_type="latent",
         ).images
-        alpha, rgb = codec.decode_rgba(
-            self.pipeline.vae, self.transparent_decoder, latents.to(self.pipeline.vae.dtype), self.decode_augmentation
-        )
+        alpha, rgb, extras = self.decode(latents.to(self.pipeline.vae.dtype))
         alpha, rgb = alpha.float().cpu(), rgb.float().cpu()
+        extras = {name: image.float().cpu() for name, image in extras.items()}
         shared = {**asdict(settings), **self.model_parameters()}
         return [
             GeneratedImage(
@@ -311,6 +317,7 @@ class TransparentImageGenerator:
                 rgb=rgb[row],
                 alpha=alpha[row],
                 parameters={"prompt": prompt, "seed": int(seed), **shared},
+                extras={name: image[row] for name, image in extras.items()},
             )
             for row, (index, prompt, seed) in enumerate(zip(indices, prompts, seeds))
         ]
