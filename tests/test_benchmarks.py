@@ -87,3 +87,18 @@ def test_the_premise_benchmark_fine_tunes_both_starts_and_compares_them(tiny_tra
     assert [row.split("|")[1].strip() for row in rows] == ["pretrained UNet", "random UNet"]
     assert all(float(cell) > 0 for row in rows for cell in row.split("|")[2:6])
     assert "Reading it: before any fine-tuning" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_diffumatting_ablation_trains_each_variant_and_scores_the_redrawn_composites():
+    command = [sys.executable, "-m", "benchmarks.diffumatting_ablation", "--images", "4", "--steps", "4", "--no-write",
+               "--", "--trainer.max_steps=1", "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1",
+               "--data.init_args.batch_size=4"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    names = [row.split("|")[1].strip() for row in rows if not row.startswith("| ---")]
+    assert names == ["untrained base", "both losses", "no green-background loss", "no boundary loss"]
+    for row in rows[1:]:
+        purity, *errors = (float(cell) for cell in row.split("|")[2:7])
+        assert 0.0 <= purity <= 1.0 and all(error >= 0.0 for error in errors)
