@@ -103,7 +103,9 @@ class RGBAPredictionWriter(BasePredictionWriter):
             Image.fromarray(rgba).save(self.output_dir / name, pnginfo=png_metadata(parameters))
             for extra, pixels in image.extras.items():  # e.g. screen/<name>: the green screen it was keyed from
                 (self.output_dir / extra).mkdir(exist_ok=True)
-                Image.fromarray(to_uint8_hwc(pixels)).save(self.output_dir / extra / name, pnginfo=png_metadata(parameters))
+                array = to_uint8_hwc(pixels)  # one channel (a matte) is written as an 8-bit grey PNG
+                array = array[..., 0] if array.shape[-1] == 1 else array
+                Image.fromarray(array).save(self.output_dir / extra / name, pnginfo=png_metadata(parameters))
             preview = preview_on_checkerboard(image.rgb[None], image.alpha[None])[0]
             preview_path = self.output_dir / "previews" / name
             Image.fromarray(to_uint8_hwc(preview)).save(preview_path)

@@ -4,6 +4,9 @@ module's refusal of captions it cannot supervise."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -218,3 +221,29 @@ def test_fit_then_predict_through_train_py_writes_green_screens_and_their_cutout
             assert cutout.mode == "RGBA" and screen.mode == "RGB" and cutout.size == screen.size == (64, 64)
             assert cutout.text["prompt"] == "green background, a cat" and cutout.text["matte"] == "chroma key"
         assert (generated / "previews" / path.name).is_file()
+    # screen/ + alpha/ is a matting data set: the evaluation command reads it as it is
+    from layerdiff.formats.matte import read_matte
+
+    assert read_matte(generated / "alpha" / cutouts[0].name).shape == (64, 64)
+    result = subprocess.run([sys.executable, "-m", "layerdiff.evaluate", "matting", "--pred", str(generated / "alpha"),
+                             "--gt", str(generated / "alpha")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.splitlines()[-1].split()[1:] == ["0.00000"] * 4
+
+
+def test_a_community_lora_stacks_on_the_green_screen_generator_and_comes_off_again(tiny_sdxl, tmp_path):
+    from layerdiff.modules import DiffuMattingModule
+    from layerdiff.pipelines import GenerationSettings
+    from support.loras import write_community_lora
+
+    lora = write_community_lora(tiny_sdxl, tmp_path)
+    module = DiffuMattingModule(base_model=str(tiny_sdxl), lora_rank=4, community_loras=[{"path": str(lora), "weight": 1.0}])
+    settings = GenerationSettings(steps=2, guidance_scale=2.0)
+    plain = module.image_generator()(["a cat"], [0], settings)[0]
+    module.on_predict_start()
+    assert list(module.image_generator().community_loras) == ["community_0"]
+    styled = module.image_generator()(["a cat"], [0], settings)[0]
+    module.on_predict_end()
+    again = module.image_generator()(["a cat"], [0], settings)[0]
+    assert not torch.equal(styled.extras["screen"], plain.extras["screen"])
+    assert torch.equal(again.extras["screen"], plain.extras["screen"])
+    assert styled.parameters["loras"] == [{"path": str(lora), "weight": 1.0}] and styled.prompt == "green background, a cat"

@@ -11,17 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from callbacks import RGBAPredictionWriter, TransparentSamples
 from data import PromptDataModule, ShardDataModule
-from layerdiff.models.base import load_unet
 from layerdiff.modules import LatentDiffusionModule
 from layerdiff.pipelines import (
     SCHEDULERS,
@@ -29,6 +25,7 @@ from layerdiff.pipelines import (
     GenerationSettings,
     IncompatibleLoraError,
 )
+from support.loras import randomise_lora_up_weights, write_community_lora
 from support.shards import write_tiny_shards
 from support.trainers import quiet_trainer
 from train import LayerdiffCLI
@@ -49,25 +46,6 @@ def module(tiny_sdxl, tiny_transparent_vae) -> LatentDiffusionModule:
     module = make_module(tiny_sdxl, tiny_transparent_vae)
     randomise_lora_up_weights(module.unet, seed=0)
     return module
-
-
-def randomise_lora_up_weights(unet: torch.nn.Module, seed: int) -> None:
-    """peft starts ``lora_B`` at zero (no effect); give it weights so the adapter matters."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-
-
-def write_community_lora(base_model: Path, folder: Path, seed: int = 1) -> Path:
-    """A LoRA trained (well, initialised) on ``base_model``'s UNet, saved as diffusers saves LoRAs."""
-    unet = load_unet(str(base_model))
-    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="style")
-    randomise_lora_up_weights(unet, seed)
-    lora_layers = get_peft_model_state_dict(unet, adapter_name="style")
-    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=lora_layers)
-    return folder / "pytorch_lora_weights.safetensors"
 
 
 @pytest.fixture(scope="module")

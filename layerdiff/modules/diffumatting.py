@@ -17,7 +17,7 @@ from layerdiff.models.lora import DEFAULT_ADAPTER, RELEASED_LORA_TARGETS, add_lo
 from layerdiff.models.text import PromptEmbeddings, keyword_token_weights
 from layerdiff.modules.diffusion_objective import DiffusionObjective
 from layerdiff.optim import LearningRateSchedule, OptimizerName
-from layerdiff.pipelines import GeneratedImage, PromptBatch
+from layerdiff.pipelines import CommunityLora, GeneratedImage, PromptBatch
 from layerdiff.pipelines.green_screen import GreenScreenGenerator
 
 
@@ -102,6 +102,8 @@ class DiffuMattingModule(DiffusionObjective):
         lr_schedule: ``constant``, ``linear`` or ``cosine`` after warm-up.
         gradient_checkpointing: recompute UNet activations in backward to save memory.
         seed: base seed of the noise/timestep/dropout generators (per rank).
+        community_loras: diffusers/peft LoRA files stacked on the model, each with its weight,
+            when generating with ``train.py predict`` (a style on top of the green screen).
         max_non_finite_steps: consecutive non-finite steps (each skipped) before training stops.
     """
 
@@ -129,6 +131,7 @@ class DiffuMattingModule(DiffusionObjective):
         lr_schedule: LearningRateSchedule = "constant",
         gradient_checkpointing: bool = False,
         seed: int = 0,
+        community_loras: list[CommunityLora] | None = None,
         max_non_finite_steps: int = 5,
     ) -> None:
         super().__init__(max_non_finite_steps=max_non_finite_steps, seed=seed)
@@ -259,6 +262,14 @@ class DiffuMattingModule(DiffusionObjective):
                                                          hp.base_revision, tuple(hp.key_colour), hp.prompt_template)
         self.attention.stop()
         return self._image_generator
+
+    def on_predict_start(self) -> None:
+        # After the checkpoint is restored: the extra adapters are not part of its state.
+        for lora in self.hparams.community_loras or []:
+            self.image_generator().add_community_lora(lora)
+
+    def on_predict_end(self) -> None:
+        self.image_generator().remove_community_loras()
 
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[GeneratedImage]:
         return self.image_generator()(batch.prompts, batch.seeds, batch.settings, batch.indices)

@@ -19,8 +19,9 @@ from layerdiff.pipelines.transparent import GeneratedImage, GenerationSettings, 
 
 
 class GreenScreenGenerator(TransparentImageGenerator):
-    """Text -> ``GeneratedImage``s whose ``rgb``/``alpha`` are the keyed cutout and whose
-    ``extras["screen"]`` is the green-screen image it was keyed from.
+    """Text -> ``GeneratedImage``s whose ``rgb``/``alpha`` are the keyed cutout, with the
+    green-screen image it was keyed from and its matte as ``extras["screen"]`` and
+    ``extras["alpha"]`` (written to ``screen/`` and ``alpha/``: a matting data set).
 
     Args:
         unet, vae, text_encoders, base_model, base_revision: as for ``TransparentImageGenerator``.
@@ -51,7 +52,8 @@ class GreenScreenGenerator(TransparentImageGenerator):
     def decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         screen = codec.decode_opaque(self.pipeline.vae, latents)
         alpha = chroma_key_alpha(screen, self.key)
-        return alpha, unmix_foreground(screen, alpha, self.key), {"screen": screen}
+        # screen/ + alpha/ with the same file names: the image + alpha layout matting trainers read
+        return alpha, unmix_foreground(screen, alpha, self.key), {"screen": screen, "alpha": alpha}
 
     def model_parameters(self) -> dict[str, Any]:
         return {**super().model_parameters(), "key_colour": list(self.key_colour), "matte": "chroma key"}
