@@ -10,11 +10,14 @@ Runs the recipes a user would run with ``train.py``, each with its demo overlay:
 4. **generation**: ``predict`` turns demo prompts into RGBA PNGs and a contact sheet;
 5. **joint layers** (LD sec. 3.3): foreground, background and blend LoRAs with shared attention
    on the UNet of stage 3 (exported as a UNet folder), trained on the demo triplets (validation
-   loss per layer before and after); ``predict`` writes layer sets with a layered PSD each.
+   loss per layer before and after); ``predict`` writes layer sets with a layered PSD each;
+6. **DiffuMatting**: the pretrained tiny UNet fine-tuned on the demo emoji over pure green with the
+   green-background and transition-boundary losses (held-out losses before and after);
+   ``predict`` writes green screens and their keyed cutouts.
 
 Extra command-line arguments override the recipes: ``--trainer.*`` applies to every training
-stage, ``--vae.<key>`` only to the first, ``--diffusion.<key>`` only to the second and
-``--joint.<key>`` only to the joint-layer stage::
+stage, ``--vae.<key>`` only to the first, ``--diffusion.<key>`` only to the second,
+``--joint.<key>`` only to the joint-layer stage and ``--matting.<key>`` only to DiffuMatting::
 
     python scripts/demo.py --trainer.max_steps 100 --diffusion.model.init_args.learning_rate 1e-4
 """
@@ -39,13 +42,15 @@ DIFFUSION_RECIPE = ["-c", "configs/latent_diffusion.yaml", "-c", "configs/demo/l
 PREDICT_OVERLAY = ["-c", "configs/predict.yaml", "-c", "configs/demo/predict.yaml"]
 JOINT_RECIPE = ["-c", "configs/joint_lora.yaml", "-c", "configs/demo/joint_lora.yaml"]
 JOINT_PREDICT_OVERLAY = ["-c", "configs/predict_layers.yaml", "-c", "configs/demo/predict_layers.yaml"]
+MATTING_RECIPE = ["-c", "configs/diffumatting.yaml", "-c", "configs/demo/diffumatting.yaml"]
+MATTING_PREDICT_OVERLAY = ["-c", "configs/predict_matting.yaml", "-c", "configs/demo/predict_matting.yaml"]
 REQUIRED_ALPHA_IMPROVEMENT = 5.0
-STAGE_PREFIXES = ("--vae.", "--diffusion.", "--joint.")
+STAGE_PREFIXES = ("--vae.", "--diffusion.", "--joint.", "--matting.")
 
 
-def split_overrides(overrides: list[str]) -> tuple[list[str], list[str], list[str]]:
-    """Route ``--vae.x v`` / ``--diffusion.x v`` / ``--joint.x v`` to one stage and everything
-    else to all."""
+def split_overrides(overrides: list[str]) -> tuple[list[str], ...]:
+    """Route ``--vae.x v`` / ``--diffusion.x v`` / ``--joint.x v`` / ``--matting.x v`` to one stage
+    and everything else to all."""
     stages: dict[str, list[str]] = {prefix: [] for prefix in STAGE_PREFIXES}
     shared: list[str] = []
     target = shared
@@ -144,6 +149,23 @@ def generate_layers(joint: dict, transparent_vae: str, overrides: list[str]) -> 
     return str(Path(cli.trainer.default_root_dir) / "generated")
 
 
+def train_diffumatting(overrides: list[str]) -> dict:
+    before, after, stage = fit_between_validations(MATTING_RECIPE + overrides)
+    return {
+        **stage,
+        "val_loss_before": before["val/loss"],
+        "val_loss_after": after["val/loss"],
+        "terms": {term: [before[f"val/{term}"], after[f"val/{term}"]] for term in ("noise", "green", "boundary")
+                  if f"val/{term}" in after},
+    }
+
+
+def generate_green_screens(matting: dict, overrides: list[str]) -> str:
+    cli = LayerdiffCLI(args=["predict", *MATTING_RECIPE, *MATTING_PREDICT_OVERLAY, *overrides,
+                             f"--ckpt_path={matting['checkpoint']}"])
+    return str(Path(cli.trainer.default_root_dir) / "generated")
+
+
 def held_out(trainer, model, datamodule) -> dict:
     """Validation metrics without a progress bar or table: the stage's one bar is its training's."""
     bar = trainer.progress_bar_callback
@@ -171,18 +193,22 @@ def finish_wandb_runs(trainer) -> None:
 
 def run_demo(overrides: list[str]) -> int:
     started = time.perf_counter()
-    vae_overrides, diffusion_overrides, joint_overrides = split_overrides(overrides)
+    vae_overrides, diffusion_overrides, joint_overrides, matting_overrides = split_overrides(overrides)
     vae = train_transparent_vae(vae_overrides)
     diffusion = train_latent_diffusion(vae["export"], diffusion_overrides)
     predictions = generate(vae["export"], diffusion["checkpoint"], diffusion_overrides)
     joint = train_joint_layers(vae["export"], diffusion["checkpoint"], joint_overrides)
     layer_sets = generate_layers(joint, vae["export"], joint_overrides)
+    matting = train_diffumatting(matting_overrides)
+    green_screens = generate_green_screens(matting, matting_overrides)
     summary = {
         "transparent_vae": vae,
         "latent_diffusion": diffusion,
         "predictions": predictions,
         "joint_layers": joint,
         "layer_sets": layer_sets,
+        "diffumatting": matting,
+        "green_screens": green_screens,
         "seconds": round(time.perf_counter() - started, 1),
     }
     summary_path = Path(vae["root"]).parent / "demo_summary.json"
@@ -207,13 +233,17 @@ def run_demo(overrides: list[str]) -> int:
     print(f"   held-out loss (eq. 9)  before {joint['val_loss_before']:.4f}  after {joint['val_loss_after']:.4f}; per layer "
           + ", ".join(f"{name} {pair[0]:.3f} -> {pair[1]:.3f}" for name, pair in joint["per_layer"].items()))
     print(f"   layer sets: {layer_sets} (each layer as PNG, a layered .psd, previews, contact_sheet.png)")
+    print("5. DiffuMatting (objects on a green screen; green-background and boundary losses)")
+    print(f"   held-out loss  before {matting['val_loss_before']:.4f}  after {matting['val_loss_after']:.4f}; per term "
+          + ", ".join(f"{name} {pair[0]:.3f} -> {pair[1]:.3f}" for name, pair in matting["terms"].items()))
+    print(f"   green screens and keyed cutouts: {green_screens} (screen/, RGBA cutouts, previews, contact_sheet.png)")
     print(f"report {report_path} (open it in a browser)")
     print(f"summary {summary_path}; W&B offline runs under outputs/demo/*/wandb; took {summary['seconds']} s")
     if vae["alpha_mse_improvement"] < REQUIRED_ALPHA_IMPROVEMENT:
         print(f"FAILED: alpha MSE improved only {vae['alpha_mse_improvement']:.1f}x "
               f"(expected at least {REQUIRED_ALPHA_IMPROVEMENT}x)")
         return 1
-    for name, stage in (("diffusion", diffusion), ("joint-layer", joint)):
+    for name, stage in (("diffusion", diffusion), ("joint-layer", joint), ("DiffuMatting", matting)):
         if not stage["val_loss_after"] < stage["val_loss_before"]:
             print(f"FAILED: the {name} stage did not lower the held-out loss")
             return 1

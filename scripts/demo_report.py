@@ -87,5 +87,18 @@ def write_demo_report(summary: dict, directory: Path) -> Path:
             + [Picture(Path(summary["layer_sets"]) / "contact_sheet.png", f"contact sheet of {summary['layer_sets']}")],
             curves(joint["root"]),
         ))  # fmt: skip
+    if "diffumatting" in summary:
+        matting = summary["diffumatting"]
+        sections.append(Section(
+            "5. DiffuMatting (objects on a green screen)",
+            "Fixed prompts and seeds sampled during training, keyed off the green (chroma key) onto a checkerboard; "
+            "then the generated green screens.",
+            {"held-out loss before": matting["val_loss_before"], "held-out loss after": matting["val_loss_after"],
+             **{f"held-out {term} loss": f"{pair[0]:.4g} \u2192 {pair[1]:.4g}" for term, pair in matting["terms"].items()},
+             "training steps": matting["steps"]},
+            pair(*before_and_after(Path(matting["root"]) / "samples", "step_", matting["steps"]), "step_", "samples")
+            + [Picture(Path(summary["green_screens"]) / "contact_sheet.png", f"contact sheet of {summary['green_screens']}")],
+            curves(matting["root"]),
+        ))  # fmt: skip
     numbers = {"demo seconds": summary["seconds"]}
     return write_report(directory / "index.html", "layerdiff demo on the embedded tiny SDXL", sections, numbers)
