@@ -6,6 +6,7 @@ other tools read (the formats themselves live in :mod:`layerdiff.formats`)::
     python -m layerdiff.export lora --checkpoint last.ckpt --out DIR [--format all] [--dtype fp16] [--no-ema]
     python -m layerdiff.export unet --checkpoint last.ckpt --out DIR [--dtype fp16] [--no-ema]
     python -m layerdiff.export layer-sharing --checkpoint last.ckpt --out DIR [--dtype fp16] [--no-ema]
+    python -m layerdiff.export matting-head --checkpoint last.ckpt --out DIR [--dtype fp16] [--no-ema]
     python -m layerdiff.export consolidate --checkpoint last.ckpt --out last-full.ckpt
 
 ``transparent-vae`` writes the encoder and decoder files of each released flavour
@@ -14,7 +15,9 @@ Forge/ComfyUI-layerdiffuse and ComfyUI (kohya) layouts (:mod:`layerdiff.formats.
 ``unet`` the fine-tuned UNet as a diffusers folder (:mod:`layerdiff.formats.unet`);
 ``layer-sharing`` a joint-layer checkpoint's units in layerdiff's layout, one diffusers LoRA per
 layer and, for SD1.5 frame mode with the released three layers, the released
-``layer_sd15_joint.safetensors`` (:mod:`layerdiff.formats.layer_sharing`).
+``layer_sd15_joint.safetensors`` (:mod:`layerdiff.formats.layer_sharing`); ``matting-head`` a
+``DiffuMattingModule``'s matting head (:mod:`layerdiff.formats.matting_head`; its UNet exports
+with ``lora`` or ``unet``).
 ``consolidate`` turns a sharded checkpoint folder into one single-file Lightning checkpoint:
 what ``load_from_checkpoint`` reads and a DDP or single-device run resumes from. Checkpoints are
 ``.ckpt`` files or sharded folders; the run's EMA weights are exported when it kept an EMA.
@@ -58,6 +61,7 @@ from layerdiff.formats.lora import (
     save_diffusers_lora,
     save_forge_lora,
 )
+from layerdiff.formats.matting_head import MATTING_HEAD_FILENAME, matting_head_from_checkpoint, save_matting_head
 from layerdiff.formats.unet import read_unet_checkpoint, save_unet_folder, trained_unet
 from layerdiff.models.base import MODEL_CONFIG_FILE, detect_architecture, load_component
 
@@ -189,6 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"diffusers LoRA per layer (<layer>{LAYER_LORA_SUFFIX}) and, for SD1.5 frame mode with the layers "
         f"foreground/background/blend, the released {RELEASED_JOINT_FILENAME}",
     )
+    matting_head = commands.add_parser(
+        "matting-head",
+        help=f"write a DiffuMattingModule checkpoint's matting head as {MATTING_HEAD_FILENAME} (its shape and key colour "
+        "in the metadata)",
+    )
     consolidate = commands.add_parser(
         "consolidate",
         help="write a sharded (FSDP2) checkpoint folder as one single-file Lightning checkpoint, which "
@@ -196,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     consolidate.add_argument("--checkpoint", required=True, type=Path, help="sharded checkpoint folder")
     consolidate.add_argument("--out", required=True, type=Path, help="the .ckpt file to write")
-    for command in (transparent, lora, unet, layer_sharing):
+    for command in (transparent, lora, unet, layer_sharing, matting_head):
         command.add_argument("--checkpoint", required=True, type=Path, help="Lightning .ckpt file or sharded folder")
         command.add_argument("--out", required=True, type=Path, help="output folder")
         command.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="tensor dtype in the files")
@@ -225,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = export_layer_sharing_checkpoint(
             args.checkpoint, args.out, DTYPES[args.dtype], use_ema=args.use_ema, base_model=args.base_model
         )
+    elif args.command == "matting-head":
+        head, hyperparameters = matting_head_from_checkpoint(args.checkpoint, args.use_ema)
+        paths = [save_matting_head(head, args.out, hyperparameters, DTYPES[args.dtype])]
     else:
         read = read_unet_checkpoint(args.checkpoint, args.use_ema, args.base_model)
         unet = trained_unet(read, args.checkpoint)

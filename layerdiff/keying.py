@@ -1,5 +1,6 @@
 """Pulling a matte off a solid backing colour (the green screen DiffuMatting generates on):
-the plain chroma key a matting head must beat, colour unmixing, and how pure the backing is.
+the plain chroma key a matting head must beat, the head's matte, colour unmixing and the
+refinement with the known backing (GreenPost), and how pure the backing is.
 
 All functions take ``[B, 3, H, W]`` colour in [0, 1] and a key colour as three floats in [0, 1].
 """
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+
+from layerdiff.models.matting_head import MattingHead
 
 
 def _key(key: Sequence[float], like: torch.Tensor) -> torch.Tensor:
@@ -48,3 +52,60 @@ def backing_purity(rgb: torch.Tensor, background: torch.Tensor, key: Sequence[fl
     distance = (rgb - _key(key, rgb)).square().sum(dim=1, keepdim=True).sqrt()
     close = ((distance <= tolerance) & background).flatten(1).sum(dim=1).float()
     return close / background.flatten(1).sum(dim=1).float()
+
+
+def head_matte(head: MattingHead, image: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The matting head's alpha ``[B, 1, H, W]`` for a decoded green screen ``image`` and the
+    decoder features it came with (``layerdiff.models.matting_head.decode_with_features``); the
+    head refines the chroma key against its own key colour."""
+    return head(features, image, chroma_key_alpha(image.clamp(0.0, 1.0), head.config.key_colour))
+
+
+def unmixed_alpha(rgb: torch.Tensor, foreground: torch.Tensor, key: Sequence[float] = (0.0, 1.0, 0.0)) -> torch.Tensor:
+    """Colour unmixing against a known backing: the ``alpha`` that best explains
+    ``I = alpha F + (1 - alpha) K`` for a given foreground colour ``F`` (least squares over the
+    three channels: ``<I - K, F - K> / |F - K|^2``), clipped to [0, 1]. Exact where ``F`` is the
+    true colour; ill-conditioned where ``F`` is close to ``K`` (a green object). ``[B, 1, H, W]``."""
+    away = foreground - _key(key, rgb)
+    spread = away.square().sum(dim=1, keepdim=True)
+    return (((rgb - _key(key, rgb)) * away).sum(dim=1, keepdim=True) / spread.clamp_min(1e-6)).clamp(0.0, 1.0)
+
+
+def refine_matte(rgb: torch.Tensor, alpha: torch.Tensor, key: Sequence[float] = (0.0, 1.0, 0.0),
+                 uncertain: tuple[float, float] = (0.02, 0.98), grow: int = 2,
+                 separation: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """DiffuMatting's GreenPost (arXiv:2403.06168 sec. 3.5; the paper only names it): refine a
+    matte with the known backing colour and return ``(alpha, foreground)``, the final RGBA.
+
+    1. The colour ``F`` the object's edge would have without the green: pymatting's multi-level
+       foreground estimation (Germer et al. 2020) guided by the matte's confident core
+       (``alpha >= uncertain[1]``), which carries the inside's colour out through the edge, where
+       the pixels are mixed with green (guided by the matte itself when it has no core: smoke).
+    2. In the uncertain band (``uncertain[0] < alpha < uncertain[1]``, grown by ``grow`` pixels)
+       alpha is re-solved by :func:`unmixed_alpha` against the key with that ``F``, trusted in
+       proportion to how far ``F`` is from the key (``|F - K| / separation``, at most 1): a green
+       object's edge keeps the head's alpha. Outside the band the matte is kept.
+    3. ``F`` estimated again with the refined alpha: the decontaminated colour of the cutout.
+
+    ``rgb`` ``[B, 3, H, W]`` and ``alpha`` ``[B, 1, H, W]`` in [0, 1]; runs on the CPU in float64.
+    """
+    from pymatting import estimate_foreground_ml  # noqa: PLC0415 - numba-compiled; loaded when first needed
+
+    def foreground_of(image: np.ndarray, matte: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(estimate_foreground_ml(image, matte), dtype=np.float64)).permute(2, 0, 1)
+
+    low, high = uncertain
+    refined_alphas, foregrounds = [], []
+    for image, matte in zip(rgb.detach().double().cpu(), alpha.detach().double().cpu()):
+        pixels = image.permute(1, 2, 0).contiguous().numpy()
+        core = (matte[0] >= high).double()
+        first = foreground_of(pixels, (core if core.any() else matte[0]).numpy())[None]
+        band = ((matte > low) & (matte < high)).float()[None]
+        band = torch.nn.functional.max_pool2d(band, 2 * grow + 1, stride=1, padding=grow)[0] > 0
+        trust = ((first - _key(key, first)).square().sum(dim=1).sqrt() / separation).clamp(0.0, 1.0)
+        solved = trust * unmixed_alpha(image[None], first, key)[0] + (1.0 - trust) * matte
+        matte = torch.where(band, solved, matte)
+        refined_alphas.append(matte)
+        foregrounds.append(foreground_of(pixels, matte[0].numpy()).clamp(0.0, 1.0))
+    return (torch.stack(refined_alphas).to(alpha.device, alpha.dtype),
+            torch.stack(foregrounds).to(rgb.device, rgb.dtype))

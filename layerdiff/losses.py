@@ -1,9 +1,10 @@
 """Loss functions as pure functions of tensors, each naming the equation it implements.
 
 "LD" is LayerDiffusion (Zhang & Agrawala 2024, arXiv:2402.17113), "DM" DiffuMatting (Hu et al.,
-ECCV 2024, arXiv:2403.06168); the diffusion objective (LD eq. 7) is in :mod:`layerdiff.diffusion`. Norms
-written ``||.||_2`` in the paper are implemented as per-element mean squared errors, the
-usual reading in latent-diffusion code (it only rescales the loss weights).
+ECCV 2024, arXiv:2403.06168), "DIM" Deep Image Matting (Xu et al. 2017, arXiv:1703.03872); the
+diffusion objective (LD eq. 7) is in :mod:`layerdiff.diffusion`. Norms written ``||.||_2`` in the
+paper are implemented as per-element mean squared errors, the usual reading in latent-diffusion
+code (it only rescales the loss weights).
 """
 
 from __future__ import annotations
@@ -106,16 +107,22 @@ def green_background_loss(
     return torch.stack(losses).mean()
 
 
-def sobel_magnitude(image: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """DM sec. 3.4's high-frequency map ``H = sqrt((S_x * X)^2 + (S_y * X)^2)``, per channel of a
-    ``[B, C, H, W]`` tensor, edges replicated. ``eps`` inside the root keeps its gradient finite
-    where the image is flat; subtracting ``sqrt(eps)`` keeps a flat image's map exactly zero."""
+def sobel_gradients(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Sobel derivatives ``(S_x * X, S_y * X)`` of each channel of a ``[B, C, H, W]`` tensor,
+    edges replicated."""
     sobel_x = image.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
     kernels = torch.stack([sobel_x, sobel_x.T])[:, None]  # [2, 1, 3, 3]
     channels = image.shape[1]
     padded = F.pad(image, (1, 1, 1, 1), mode="replicate")
     gradients = F.conv2d(padded, kernels.repeat(channels, 1, 1, 1), groups=channels)  # [B, 2C, H, W]
-    gx, gy = gradients[:, 0::2], gradients[:, 1::2]
+    return gradients[:, 0::2], gradients[:, 1::2]
+
+
+def sobel_magnitude(image: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """DM sec. 3.4's high-frequency map ``H = sqrt((S_x * X)^2 + (S_y * X)^2)``, per channel of a
+    ``[B, C, H, W]`` tensor, edges replicated. ``eps`` inside the root keeps its gradient finite
+    where the image is flat; subtracting ``sqrt(eps)`` keeps a flat image's map exactly zero."""
+    gx, gy = sobel_gradients(image)
     return torch.sqrt(gx.square() + gy.square() + eps) - eps**0.5
 
 
@@ -147,3 +154,28 @@ def transition_boundary_loss(
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample)
     return per_sample.sum() / (area > 0).sum().clamp_min(1)
+
+
+def alpha_prediction_loss(alpha_hat: torch.Tensor, alpha: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """DIM eq. 1, the alpha-prediction loss: ``mean sqrt((a_hat - a)^2 + eps^2)``, a smooth L1
+    that stays sharp near zero error (so soft alpha is fitted, not blurred as by a square)."""
+    return torch.sqrt((alpha_hat - alpha).square() + eps**2).mean()
+
+
+def composition_loss(
+    alpha_hat: torch.Tensor, foreground: torch.Tensor, background: torch.Tensor, image: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """DIM eq. 2, the compositional loss: the image re-composited with the predicted alpha,
+    ``c_p = a_hat F + (1 - a_hat) B``, against the real one, ``mean sqrt((c_p - c)^2 + eps^2)``.
+    An alpha error costs in proportion to how far the foreground colour is from the background's:
+    on a green screen, little for a green leaf, much for a red apple."""
+    recomposited = alpha_hat * foreground + (1.0 - alpha_hat) * background
+    return torch.sqrt((recomposited - image).square() + eps**2).mean()
+
+
+def gradient_loss(alpha_hat: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The mean absolute difference of the Sobel derivatives (x and y) of the predicted and the
+    true alpha: penalises blurred or misplaced edges more than ``alpha_prediction_loss``, whose
+    per-pixel error a thin edge barely moves."""
+    (gx_hat, gy_hat), (gx, gy) = sobel_gradients(alpha_hat), sobel_gradients(alpha)
+    return 0.5 * ((gx_hat - gx).abs().mean() + (gy_hat - gy).abs().mean())

@@ -164,9 +164,40 @@ def test_the_module_refuses_a_caption_without_the_keyword(tiny_sdxl):
         module.compute_loss(batch, torch.Generator().manual_seed(0))
     batch.caption[1] = "a dog on a green background"
     terms = module.compute_loss(batch, torch.Generator().manual_seed(0))
-    assert set(terms) == {"noise", "green", "boundary", "loss"} and all(term.isfinite() for term in terms.values())
-    total = terms["noise"] + module.green["weight"] * terms["green"] + module.boundary["weight"] * terms["boundary"]
+    assert set(terms) == {"noise", "green", "boundary", "matte", "matte_alpha", "matte_gradient", "matte_composition",
+                          "alpha_mse_head", "alpha_mse_key", "loss"}
+    assert all(term.isfinite() for term in terms.values())
+    total = (terms["noise"] + module.green["weight"] * terms["green"] + module.boundary["weight"] * terms["boundary"]
+             + module.head_settings["weight"] * terms["matte"])
     torch.testing.assert_close(terms["loss"], total)
+    head = module.head_settings
+    torch.testing.assert_close(terms["matte"], head["alpha"] * terms["matte_alpha"] + head["gradient"] * terms[
+        "matte_gradient"] + head["composition"] * terms["matte_composition"])
+
+
+def test_the_matting_head_trains_on_its_own_terms_at_its_own_learning_rate(tiny_sdxl):
+    from layerdiff.batches import ImageBatch
+    from layerdiff.modules import DiffuMattingModule
+
+    module = DiffuMattingModule(base_model=str(tiny_sdxl), lora_rank=4, caption_dropout=0.0,
+                                matting_head={"learning_rate": 5e-3, "width": 8})
+    batch = ImageBatch(rgb=torch.rand(2, 3, 64, 64), alpha=torch.rand(2, 1, 64, 64), caption=["green background, a"] * 2,
+                       key=["a", "b"], original_size=torch.tensor([[64, 64]] * 2),
+                       crop_top_left=torch.zeros(2, 2, dtype=torch.int64))
+    terms = module.compute_loss(batch, torch.Generator().manual_seed(0))
+    terms["matte"].backward()
+    unet_gradients = [p.grad for p in module.trained_parameters(("unet",)) if p.grad is not None]
+    assert not unet_gradients and all(p.grad is not None for p in module.matting_head.parameters())
+    groups = module.parameter_groups()
+    assert [group.get("lr") for group in groups] == [None, 5e-3]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in module.matting_head.parameters()}
+    assert module.matting_head.config.width == 8 and module.matting_head.config.key_colour == (0.0, 1.0, 0.0)
+
+    without = DiffuMattingModule(base_model=str(tiny_sdxl), lora_rank=4, matting_head={"weight": 0.0})
+    assert without.matting_head is None and len(without.parameter_groups()) == 1
+    assert "matte" not in without.compute_loss(batch, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"matting_head has no setting \['lr'\]"):
+        DiffuMattingModule(base_model=str(tiny_sdxl), matting_head={"lr": 1.0})
 
 
 # -- keying the green screen -------------------------------------------------------------------
@@ -209,6 +240,17 @@ def test_fit_then_predict_through_train_py_writes_green_screens_and_their_cutout
                  f"--data.init_args.train_shards={train}", f"--data.init_args.val_shards={val}",
                  "--data.init_args.batch_size=2", "--data.init_args.num_workers=0")
     assert list((tmp_path / "run" / "samples").glob("step_*.png"))
+    # the head exports on its own, with its shape in the file
+    from diffusers import AutoencoderKL
+
+    from layerdiff.formats.matting_head import load_matting_head
+
+    export = subprocess.run([sys.executable, "-m", "layerdiff.export", "matting-head", "--checkpoint",
+                             str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "export")],
+                            capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr
+    head = load_matting_head(tmp_path / "export" / "matting_head.safetensors", AutoencoderKL.from_pretrained(tiny_sdxl / "vae"))
+    assert head.config.feature_channels == (32, 32, 16, 8)
     run_train_py("predict", *recipe, "-c", "configs/predict_matting.yaml", "-c", "configs/demo/predict_matting.yaml",
                  f"--ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "--data.init_args.prompts=[a cat]",
                  "--data.init_args.images_per_prompt=2", "--data.init_args.settings.steps=2")
@@ -219,8 +261,8 @@ def test_fit_then_predict_through_train_py_writes_green_screens_and_their_cutout
     for path in cutouts:
         with Image.open(path) as cutout, Image.open(generated / "screen" / path.name) as screen:
             assert cutout.mode == "RGBA" and screen.mode == "RGB" and cutout.size == screen.size == (64, 64)
-            assert cutout.text["prompt"] == "green background, a cat" and cutout.text["matte"] == "chroma key"
-        assert (generated / "previews" / path.name).is_file()
+            assert cutout.text["prompt"] == "green background, a cat" and cutout.text["matte"] == "matting head + GreenPost"
+        assert (generated / "previews" / path.name).is_file() and (generated / "alpha_head" / path.name).is_file()
     # screen/ + alpha/ is a matting data set: the evaluation command reads it as it is
     from layerdiff.formats.matte import read_matte
 

@@ -1,6 +1,7 @@
 """DiffuMatting (Hu et al., ECCV 2024, arXiv:2403.06168): fine-tune an SD1.5 / SDXL UNet to draw
-objects on a pure green screen with detailed edges, so that their alpha can be taken off the
-screen at matting quality. The noise loss plus two of the paper's losses (sec. 3.3-3.4)."""
+objects on a pure green screen with detailed edges, and train the matting head that reads their
+alpha off the VAE decoder. The noise loss, two of the paper's losses (sec. 3.3-3.4) and the
+head's matting losses (sec. 3.5)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import torch
 
 from layerdiff import diffusion, losses
 from layerdiff.batches import ImageBatch
+from layerdiff.keying import chroma_key_alpha, head_matte, unmix_foreground
 from layerdiff.models import codec
 from layerdiff.models.attention import TokenAttention, capture_token_attention
 from layerdiff.models.base import load_unet
 from layerdiff.models.lora import DEFAULT_ADAPTER, RELEASED_LORA_TARGETS, add_lora
+from layerdiff.models.matting_head import MattingHead, MattingHeadConfig, decode_with_features
 from layerdiff.models.text import PromptEmbeddings, keyword_token_weights
+from layerdiff.modules.base import TrainedParts
 from layerdiff.modules.diffusion_objective import DiffusionObjective
 from layerdiff.optim import LearningRateSchedule, OptimizerName
 from layerdiff.pipelines import CommunityLora, GeneratedImage, PromptBatch
@@ -60,16 +64,45 @@ class TransitionBoundaryLoss(TypedDict, total=False):
     band_width: int
 
 
+class MattingHeadTraining(TypedDict, total=False):
+    """The matting head (sec. 3.5, ``layerdiff.models.matting_head``), trained beside the UNet on
+    the same green composites: the frozen decoder decodes each composite's latent and the head
+    predicts its alpha. Its parameters are its own, so it learns the same whatever the UNet does.
+
+    Keys:
+        weight: multiplies its terms in the total (1.0); 0 trains no head, and generation then
+            keys the matte off the screen.
+        width, depth: the head's shape (32, 2).
+        learning_rate: its own (1e-3): it starts from nothing, where the UNet is fine-tuned.
+        alpha, gradient, composition: weights of DIM's alpha-prediction and compositional losses
+            and of the gradient loss (``layerdiff.losses``; 1.0, 1.0, 0.5: DIM weighs its two
+            terms 0.5 each; the gradient term keeps thin edges from being averaged away).
+    """
+
+    weight: float
+    width: int
+    depth: int
+    learning_rate: float
+    alpha: float
+    gradient: float
+    composition: float
+
+
 # The paper gives no weights. These make each term start near the noise loss's size on the demo
 # (pretrained tiny model, held-out batch, weight 1: noise 0.15-0.29, green 0.20, boundary 1.2-1.6).
 GREEN_DEFAULTS = GreenBackgroundLoss(weight=1.0, downsampling=(2, 4), normalisation="max")
 BOUNDARY_DEFAULTS = TransitionBoundaryLoss(weight=0.1, space="latent", band_width=2)
+HEAD_DEFAULTS = MattingHeadTraining(weight=1.0, width=32, depth=2, learning_rate=1e-3, alpha=1.0, gradient=1.0,
+                                    composition=0.5)
 
 
 class DiffuMattingModule(DiffusionObjective):
+    trained = TrainedParts(exported=("unet", "matting_head"))
+
     """Trains the base UNet (a LoRA, or fully) on green-screen images with the noise loss (LD
     eq. 7, on the plain VAE latents), the green-background control loss and the transition
-    boundary loss (``layerdiff.losses``): ``L = L_noise + w_green L_green + w_boundary L_boundary``.
+    boundary loss (``layerdiff.losses``), and the matting head on the same images:
+    ``L = L_noise + w_green L_green + w_boundary L_boundary + w_head L_head``.
 
     Batches are image batches whose ``rgb`` is the object over the key colour and ``alpha`` its
     matte ``M``: ``data.transforms.GreenScreen`` as the data module's ``sample_transform`` makes
@@ -89,6 +122,9 @@ class DiffuMattingModule(DiffusionObjective):
         prompt_template: what generation does to a prompt (``GreenScreen``'s ``caption_template``).
         green_loss: :class:`GreenBackgroundLoss` settings.
         boundary_loss: :class:`TransitionBoundaryLoss` settings.
+        matting_head: :class:`MattingHeadTraining` settings.
+        refine_matte: when generating, refine the head's matte against the key colour (GreenPost,
+            ``layerdiff.keying.refine_matte``).
         prediction_type: ``epsilon`` or ``v_prediction``; ``None`` keeps the base model's.
         min_snr_gamma: Min-SNR-gamma weighting of the noise loss; ``None`` = off.
         noise_offset: scale of per-channel offset noise (0 = off).
@@ -119,6 +155,8 @@ class DiffuMattingModule(DiffusionObjective):
         prompt_template: str = "green background, {caption}",
         green_loss: GreenBackgroundLoss | None = None,
         boundary_loss: TransitionBoundaryLoss | None = None,
+        matting_head: MattingHeadTraining | None = None,
+        refine_matte: bool = True,
         prediction_type: Literal["epsilon", "v_prediction"] | None = None,
         min_snr_gamma: float | None = None,
         noise_offset: float = 0.0,
@@ -141,6 +179,7 @@ class DiffuMattingModule(DiffusionObjective):
             raise ValueError(f"caption_dropout is a probability in [0, 1]; got {caption_dropout}")
         self.green = _settings("green_loss", GREEN_DEFAULTS, green_loss)
         self.boundary = _settings("boundary_loss", BOUNDARY_DEFAULTS, boundary_loss)
+        self.head_settings = _settings("matting_head", HEAD_DEFAULTS, matting_head)
         if not self.green["downsampling"] or any(factor < 1 for factor in self.green["downsampling"]):
             raise ValueError(f"green_loss.downsampling must list factors >= 1; got {self.green['downsampling']}")
         self.save_hyperparameters()
@@ -152,6 +191,11 @@ class DiffuMattingModule(DiffusionObjective):
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.attention = capture_token_attention(self.unet)
+        self.matting_head = None
+        if self.head_settings["weight"]:
+            config = MattingHeadConfig.for_vae(self.vae, width=self.head_settings["width"], depth=self.head_settings[
+                "depth"], key_colour=tuple(value / 255.0 for value in key_colour))
+            self.matting_head = MattingHead(config)
         self.keyword_ids = self.text_encoders.tokenizers[0](keyword, add_special_tokens=False).input_ids
         self._image_generator: GreenScreenGenerator | None = None
 
@@ -164,7 +208,8 @@ class DiffuMattingModule(DiffusionObjective):
                             f"{type(batch).__name__}: use image shards with data.transforms.GreenScreen")
         hp, alphas_cumprod = self.hparams, self.noise_scheduler.alphas_cumprod
         with torch.no_grad():
-            latents = codec.diffusion_latent(self.vae, codec.encode_opaque(self.vae, batch.rgb))
+            vae_latents = codec.encode_opaque(self.vae, batch.rgb)
+            latents = codec.diffusion_latent(self.vae, vae_latents)
         draws = diffusion.draw(generator, [latents.shape], self.num_train_timesteps, hp.caption_dropout, hp.noise_offset)
         timesteps = draws.timesteps.to(latents.device)
         noise = draws.noise[0].to(latents.device, latents.dtype)
@@ -187,8 +232,34 @@ class DiffuMattingModule(DiffusionObjective):
             clean = diffusion.clean_estimate(self.prediction_type, alphas_cumprod, noisy, prediction.float(), timesteps)
             terms["boundary"] = self._boundary_loss(clean, latents, batch, alphas_cumprod[timesteps.cpu()])
             total = total + self.boundary["weight"] * terms["boundary"]
+        if self.matting_head is not None:
+            terms.update(self._matting_terms(vae_latents, batch))
+            total = total + self.head_settings["weight"] * terms["matte"]
         terms["loss"] = total
         return terms
+
+    def _matting_terms(self, vae_latents: torch.Tensor, batch: ImageBatch) -> dict[str, torch.Tensor]:
+        """The head's loss on the frozen decode of the composites' own latents (DIM eq. 1-2 and
+        the gradient loss), and, for the record, the chroma key's and the head's alpha MSE."""
+        settings, key = self.head_settings, self.matting_head.config.key_colour
+        image, features = decode_with_features(self.vae, vae_latents)
+        alpha_hat = head_matte(self.matting_head, image, features)
+        alpha = batch.alpha.to(alpha_hat)
+        foreground = unmix_foreground(batch.rgb.to(alpha_hat), alpha, key)  # exact: the composite was made from it
+        backing = alpha_hat.new_tensor(key).reshape(1, 3, 1, 1)
+        terms = {"matte_alpha": losses.alpha_prediction_loss(alpha_hat, alpha),
+                 "matte_gradient": losses.gradient_loss(alpha_hat, alpha),
+                 "matte_composition": losses.composition_loss(alpha_hat, foreground, backing, batch.rgb.to(alpha_hat))}
+        terms["matte"] = sum(settings[name.removeprefix("matte_")] * terms[name] for name in list(terms))
+        terms["alpha_mse_head"] = (alpha_hat.detach() - alpha).square().mean()
+        terms["alpha_mse_key"] = (chroma_key_alpha(image.to(alpha), key) - alpha).square().mean()
+        return terms
+
+    def parameter_groups(self) -> list[dict]:
+        groups = [{"params": list(self.trained_parameters(("unet",)))}]
+        if self.matting_head is not None:
+            groups.append({"params": list(self.matting_head.parameters()), "lr": self.head_settings["learning_rate"]})
+        return groups
 
     def _unet(self, noisy, timesteps, prompts: PromptEmbeddings, batch: ImageBatch, latents) -> torch.Tensor:
         target_size = tuple(side * self.vae_scale_factor for side in latents.shape[-2:])
@@ -234,7 +305,7 @@ class DiffuMattingModule(DiffusionObjective):
             return None  # Lightning then skips backward and the update
         size = len(batch.caption)
         self.log("train/loss", terms["loss"].detach(), prog_bar=True, batch_size=size)
-        for name in ("noise", "green", "boundary"):
+        for name in _LOGGED_TERMS:
             if name in terms:
                 self.log(f"train/{name}", terms[name].detach(), batch_size=size)
         return terms["loss"]
@@ -243,7 +314,7 @@ class DiffuMattingModule(DiffusionObjective):
         terms = self.compute_loss(batch, self._validation_generator)
         size = len(batch.caption)
         self.log("val/loss", terms["loss"], prog_bar=True, batch_size=size, sync_dist=True)
-        for name in ("noise", "green", "boundary"):
+        for name in _LOGGED_TERMS:
             if name in terms:
                 self.log(f"val/{name}", terms[name], batch_size=size, sync_dist=True)
         return terms["loss"]
@@ -259,7 +330,8 @@ class DiffuMattingModule(DiffusionObjective):
         if self._image_generator is None:
             hp = self.hparams
             self._image_generator = GreenScreenGenerator(self.unet, self.vae, self.text_encoders, hp.base_model,
-                                                         hp.base_revision, tuple(hp.key_colour), hp.prompt_template)
+                                                         hp.base_revision, tuple(hp.key_colour), hp.prompt_template,
+                                                         self.matting_head, hp.refine_matte)
         self.attention.stop()
         return self._image_generator
 
@@ -273,6 +345,9 @@ class DiffuMattingModule(DiffusionObjective):
 
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[GeneratedImage]:
         return self.image_generator()(batch.prompts, batch.seeds, batch.settings, batch.indices)
+
+
+_LOGGED_TERMS = ("noise", "green", "boundary", "matte", "alpha_mse_head", "alpha_mse_key")
 
 
 def _settings(name: str, defaults: dict, given: dict | None) -> dict:

@@ -73,8 +73,14 @@ class DiffusionObjective(FrozenBaseModule):
         # The same timesteps and noise at every validation, so val/loss curves compare.
         self._validation_generator = torch.Generator().manual_seed(rank_seed(self.hparams.seed + 1, self.global_rank))
 
+    def parameter_groups(self) -> list[dict]:
+        """What the optimizer steps, as torch parameter groups: one group of every trained
+        parameter at the recipe's settings. A subclass with a part that needs its own learning
+        rate (one trained from scratch beside a fine-tuned UNet) returns more groups."""
+        return [{"params": list(self.trained_parameters())}]
+
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = build_optimizer(self.trained_parameters(), hp.optimizer, hp.learning_rate, tuple(hp.betas), hp.weight_decay)
+        optimizer = build_optimizer(self.parameter_groups(), hp.optimizer, hp.learning_rate, tuple(hp.betas), hp.weight_decay)
         schedule = build_lr_schedule(optimizer, hp.lr_schedule, hp.warmup_steps, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
