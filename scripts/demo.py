@@ -155,15 +155,46 @@ def train_diffumatting(overrides: list[str]) -> dict:
         **stage,
         "val_loss_before": before["val/loss"],
         "val_loss_after": after["val/loss"],
-        "terms": {term: [before[f"val/{term}"], after[f"val/{term}"]] for term in ("noise", "green", "boundary")
+        "terms": {term: [before[f"val/{term}"], after[f"val/{term}"]] for term in ("noise", "green", "boundary", "matte")
                   if f"val/{term}" in after},
+        # held-out alpha MSE on the VAE decode of the validation composites: the head against the key it starts as
+        "alpha_mse_key": after.get("val/alpha_mse_key"),
+        "alpha_mse_head": [before.get("val/alpha_mse_head"), after.get("val/alpha_mse_head")],
     }
 
 
 def generate_green_screens(matting: dict, overrides: list[str]) -> str:
     cli = LayerdiffCLI(args=["predict", *MATTING_RECIPE, *MATTING_PREDICT_OVERLAY, *overrides,
                              f"--ckpt_path={matting['checkpoint']}"])
-    return str(Path(cli.trainer.default_root_dir) / "generated")
+    generated = Path(cli.trainer.default_root_dir) / "generated"
+    matte_sheet(generated)
+    return str(generated)
+
+
+def matte_sheet(generated: Path, rows: int = 8) -> None:
+    """``mattes.png``: per generated image, the green screen, the chroma key of it, the head's
+    matte, the refined matte and the cutout on a checkerboard, side by side."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from layerdiff.keying import chroma_key_alpha
+    from layerdiff.rgba import image_grid, to_uint8_hwc
+
+    def read(path: Path) -> torch.Tensor:
+        with Image.open(path) as image:
+            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255.0
+
+    names = sorted(path.name for path in (generated / "alpha_head").glob("*.png"))[:rows]
+    if not names:
+        return
+    lines = []
+    for name in names:
+        screen = read(generated / "screen" / name)
+        key = chroma_key_alpha(screen[None])[0].expand(3, -1, -1)
+        lines.append([screen, key, read(generated / "alpha_head" / name), read(generated / "alpha" / name),
+                      read(generated / "previews" / name)])
+    Image.fromarray(to_uint8_hwc(image_grid(lines))).save(generated / "mattes.png")
 
 
 def held_out(trainer, model, datamodule) -> dict:
@@ -236,7 +267,10 @@ def run_demo(overrides: list[str]) -> int:
     print("5. DiffuMatting (objects on a green screen; green-background and boundary losses)")
     print(f"   held-out loss  before {matting['val_loss_before']:.4f}  after {matting['val_loss_after']:.4f}; per term "
           + ", ".join(f"{name} {pair[0]:.3f} -> {pair[1]:.3f}" for name, pair in matting["terms"].items()))
-    print(f"   green screens and keyed cutouts: {green_screens} (screen/, RGBA cutouts, previews, contact_sheet.png)")
+    print(f"   held-out alpha MSE on the decoded composites: chroma key {matting['alpha_mse_key']:.4f}, matting head "
+          f"{matting['alpha_mse_head'][0]:.4f} -> {matting['alpha_mse_head'][1]:.4f}")
+    print(f"   green screens and cutouts: {green_screens} (screen/, alpha_head/, refined alpha/, RGBA cutouts, previews, "
+          "mattes.png, contact_sheet.png)")
     print(f"report {report_path} (open it in a browser)")
     print(f"summary {summary_path}; W&B offline runs under outputs/demo/*/wandb; took {summary['seconds']} s")
     if vae["alpha_mse_improvement"] < REQUIRED_ALPHA_IMPROVEMENT:

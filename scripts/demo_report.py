@@ -91,13 +91,17 @@ def write_demo_report(summary: dict, directory: Path) -> Path:
         matting = summary["diffumatting"]
         sections.append(Section(
             "5. DiffuMatting (objects on a green screen)",
-            "Fixed prompts and seeds sampled during training, keyed off the green (chroma key) onto a checkerboard; "
-            "then the generated green screens.",
+            "Fixed prompts and seeds sampled during training, their matte read off by the matting head and refined "
+            "against the green (GreenPost), on a checkerboard; then the generated green screens: per row the screen, "
+            "its chroma key, the head's matte, the refined matte and the cutout.",
             {"held-out loss before": matting["val_loss_before"], "held-out loss after": matting["val_loss_after"],
              **{f"held-out {term} loss": f"{pair[0]:.4g} \u2192 {pair[1]:.4g}" for term, pair in matting["terms"].items()},
+             "held-out alpha MSE, chroma key": matting["alpha_mse_key"],
+             "held-out alpha MSE, matting head": "{:.4g} \u2192 {:.4g}".format(*matting["alpha_mse_head"]),
              "training steps": matting["steps"]},
             pair(*before_and_after(Path(matting["root"]) / "samples", "step_", matting["steps"]), "step_", "samples")
-            + [Picture(Path(summary["green_screens"]) / "contact_sheet.png", f"contact sheet of {summary['green_screens']}")],
+            + [Picture(Path(summary["green_screens"]) / "mattes.png", "screen | chroma key | head | refined | cutout"),
+               Picture(Path(summary["green_screens"]) / "contact_sheet.png", f"contact sheet of {summary['green_screens']}")],
             curves(matting["root"]),
         ))  # fmt: skip
     numbers = {"demo seconds": summary["seconds"]}
