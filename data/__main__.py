@@ -10,8 +10,9 @@ import time
 DESCRIPTION = """\
 Tools for layerdiff's webdataset shards (schema: data/schema.py).
 
-  write     convert a folder of RGBA PNGs (+ same-stem .txt captions), or of layered
-            sources (NAME.fg.png + NAME.bg.png, layered .psd files), into shards
+  write     convert a folder of RGBA PNGs (+ same-stem .txt captions), of layered
+            sources (NAME.fg.png + NAME.bg.png, layered .psd files) or a matting data
+            set (image or foreground folder + alpha folder), into shards
   validate  read every sample of some shards, check the schema, print statistics
   demo      build demo shards from OpenMoji emoji over scikit-image photos (offline)
   cache-latents
@@ -44,6 +45,24 @@ A given blend must match foreground over background (mean and 99th-percentile er
 8-bit levels, tolerances in data/layered_sources.py); a mismatching blend, layers of
 different sizes, a foreground without alpha or background, a single-layer PSD and
 unreadable files are dropped and reported with the file and the fix.
+
+Matting data sets (image + alpha matte, as RGBA cut-outs), chosen automatically when a
+folder under SRC_DIR (e.g. each split: train/, test/) holds an alpha folder beside a
+foreground or an image folder (folder names ignore case; other files in SRC_DIR are then
+an error; accepted layouts in data/matting_sources.py):
+  alpha folder    alpha, alphas, mask, matte, GT: 8-bit grey mattes (RGB with equal
+                  channels accepted)
+  foreground      fg, foreground: the straight foreground colour, used as it is
+                  (Distinctions-646 FG/ + GT/, Composition-1k fg/ + alpha/)
+  image           image, images, original, original_image, blurred_image, merged, im:
+                  the object over a real background (AM-2k original/ + mask/, P3M-10k
+                  blurred_image/ + mask/); the colour is estimated with pymatting's
+                  estimate_foreground_ml (a foreground folder beside it wins)
+Files (.png, .jpg, .jpeg) are matched by name across the two folders (original/x.jpg with
+mask/x.png); the caption is NAME.txt beside the image; other folders beside them (trimap/,
+bg/) are not read. An image without matte, a matte without image, a 16-bit or colour matte,
+a matte of another size and unreadable files are dropped and reported with the file and
+the fix.
 """
 
 
@@ -136,11 +155,11 @@ def _parser() -> argparse.ArgumentParser:
     cores = os.cpu_count() or 1
 
     write = commands.add_parser(
-        "write", help="convert a folder of RGBA PNGs or layered sources into shards",
+        "write", help="convert a folder of RGBA PNGs, layered sources or a matting data set into shards",
         formatter_class=argparse.RawDescriptionHelpFormatter, description=WRITE_DESCRIPTION,
     )
-    write.add_argument("src_dir", metavar="SRC_DIR", help="folder of RGBA .png files or of layered sources "
-                       "(searched recursively)")
+    write.add_argument("src_dir", metavar="SRC_DIR", help="folder of RGBA .png files, of layered sources or of a "
+                       "matting data set (searched recursively)")
     write.add_argument("out_dir", metavar="OUT_DIR", help="folder for shard-NNNNNN.tar and index.json")
     write.add_argument("--size", type=int, default=1024, help="square target size in pixels (default 1024)")
     write.add_argument("--buckets", help="aspect buckets as WIDTHxHEIGHT list, e.g. 1024x1024,1152x896,896x1152; "

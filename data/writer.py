@@ -1,6 +1,7 @@
-"""Turn a folder of RGBA PNGs (with optional same-stem ``.txt`` captions), or of layered
+"""Turn a folder of RGBA PNGs (with optional same-stem ``.txt`` captions), of layered
 sources (``NAME.fg.png`` + ``NAME.bg.png`` triplets, layered ``.psd`` files: accepted layouts
-in ``data.layered_sources``), into shards.
+in ``data.layered_sources``) or of matting data sets (an image or foreground folder beside an
+alpha folder: accepted layouts in ``data.matting_sources``), into shards.
 
 Every image (every layer, with one crop per sample) is resized so it covers its target size, centre-cropped, stripped of
 samples LayerDiffusion sec. 3.4 drops (no transparent pixel, no visible pixel),
@@ -30,6 +31,7 @@ from data.layered_sources import (
     layer_suffix,
     read_layers,
 )
+from data.matting_sources import MattingSet, MattingSource, find_matting_sets, pair_files, read_matting_source
 from data.parallel import ordered_parallel_map
 from data.schema import LayerSample, encode_sample, prepare_foreground
 from data.shards import ShardManifest, ShardWriter, TarSample, serialise_sample
@@ -62,6 +64,7 @@ class WriteReport:
     dropped: Counter = field(default_factory=Counter)
     drop_examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     without_caption: int = 0
+    unread_folders: list[str] = field(default_factory=list)  # beside the matting sets' image and alpha folders
 
     def summary(self) -> str:
         """Human-readable lines for the CLI."""
@@ -75,6 +78,9 @@ class WriteReport:
         if self.without_caption:
             lines.append(f"{self.without_caption} image(s) had no caption (NAME.txt, or NAME.fg.txt for layered "
                          "sources) and were written with an empty caption")
+        if self.unread_folders:
+            lines.append(f"not read (folders beside the matting sets' colour and alpha folders): "
+                         f"{', '.join(self.unread_folders)}")
         return "\n".join(lines)
 
 
@@ -132,7 +138,8 @@ class _Job:
     root: Path
     index: int
     targets: tuple[tuple[int, int], ...]
-    layered: LayeredSource | None = None  # None: a plain RGBA PNG
+    layered: LayeredSource | None = None
+    matting: MattingSource | None = None  # neither: a plain RGBA PNG
 
 
 def write_folder(
@@ -144,7 +151,7 @@ def write_folder(
     samples_per_shard: int = 1000,
     workers: int = 1,
 ) -> WriteReport:
-    """Convert every PNG (or layered source) under ``src_dir`` (recursively, sorted) into shards in ``out_dir``.
+    """Convert every PNG (or layered source, or matting pair) under ``src_dir`` (recursively, sorted) into shards in ``out_dir``.
 
     ``size`` gives square ``size x size`` samples unless ``buckets`` (``(w, h)``
     pairs) are given. ``workers`` processes decode, resize and pad in parallel;
@@ -156,13 +163,14 @@ def write_folder(
     if not src.is_dir():
         raise FileNotFoundError(f"source folder {src} does not exist (expected a folder of RGBA .png files)")
     paths = sorted(path for path in src.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
-    if not paths:
+    matting_sets = find_matting_sets(src)
+    if not paths and not matting_sets:
         raise FileNotFoundError(f"no .png or .psd files under {src}: the writer reads RGBA PNGs with optional .txt "
-                                "captions, or layered sources (see `python -m data write --help`)")
+                                "captions, layered sources or matting data sets (see `python -m data write --help`)")
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise ValueError(f"output folder {out} is inside the source folder {src}; pick an output folder outside it")
     targets = tuple(buckets) if buckets else ((size, size),)
-    jobs, orphans = _jobs(src, paths, targets)
+    jobs, orphans = _jobs(src, paths, targets, matting_sets)
 
     dropped: Counter = Counter()
     examples: dict[str, list[str]] = defaultdict(list)
@@ -173,8 +181,8 @@ def write_folder(
         if len(examples[outcome.reason]) < EXAMPLES_PER_REASON:
             examples[outcome.reason].append(f"{outcome.path} ({outcome.detail})" if outcome.detail else outcome.path)
 
-    for path, detail in orphans:
-        count(Dropped(path.relative_to(src).as_posix(), NO_FOREGROUND, detail))
+    for path, reason, detail in orphans:
+        count(Dropped(path.relative_to(src).as_posix(), reason, detail))
     with ShardWriter(out, samples_per_shard) as writer:
         for outcome in ordered_parallel_map(_prepare_chunk, jobs, workers=workers, chunk_size=4):
             if isinstance(outcome, Dropped):
@@ -189,14 +197,20 @@ def write_folder(
             targets=[f"{w}x{h}" for w, h in targets],
             dropped=dict(dropped),
             layered=any(job.layered is not None for job in jobs),
+            matting=[{"folder": matting_set.folder.relative_to(src).as_posix(), "layout": matting_set.layout,
+                      "colour": matting_set.colour.name, "alpha": matting_set.alpha.name} for matting_set in matting_sets],
         )
-    return WriteReport(manifest, dropped, examples, without_caption)
+    unread = [folder.relative_to(src).as_posix() for matting_set in matting_sets for folder in matting_set.unread]
+    return WriteReport(manifest, dropped, examples, without_caption, unread)
 
 
 def _jobs(
-    src: Path, paths: list[Path], targets: tuple[tuple[int, int], ...]
-) -> tuple[list[_Job], list[tuple[Path, str]]]:
-    """One job per plain PNG, or per layered source (with the orphaned layer files) in layered mode."""
+    src: Path, paths: list[Path], targets: tuple[tuple[int, int], ...], matting_sets: list[MattingSet]
+) -> tuple[list[_Job], list[tuple[Path, str, str]]]:
+    """One job per plain PNG, per layered source in layered mode or per matting pair in matting
+    mode, and the files left unmatched in those modes (with the reason and message for each)."""
+    if matting_sets:
+        return _matting_jobs(src, paths, targets, matting_sets)
     layered = [path for path in paths if layer_suffix(path)]
     if not layered:
         return [_Job(path, src, index, targets) for index, path in enumerate(paths)], []
@@ -208,7 +222,28 @@ def _jobs(
             "their own and write it separately, or give each a NAME.bg.png and rename it NAME.fg.png"
         )
     sources, orphans = find_layered_sources(layered)
-    return [_Job(source.main, src, index, targets, source) for index, source in enumerate(sources)], orphans
+    jobs = [_Job(source.main, src, index, targets, source) for index, source in enumerate(sources)]
+    return jobs, [(path, NO_FOREGROUND, detail) for path, detail in orphans]
+
+
+def _matting_jobs(
+    src: Path, paths: list[Path], targets: tuple[tuple[int, int], ...], matting_sets: list[MattingSet]
+) -> tuple[list[_Job], list[tuple[Path, str, str]]]:
+    folders = {matting_set.folder for matting_set in matting_sets}
+    outside = [path for path in paths if folders.isdisjoint(path.parents)]
+    if outside:
+        first = matting_sets[0]
+        raise ValueError(
+            f"{src} mixes a matting data set ({first.colour.relative_to(src)}/ with {first.alpha.relative_to(src)}/) "
+            f"with other sources (e.g. {outside[0].relative_to(src)}); one run writes one kind of shard. Move the "
+            "RGBA PNGs or layered sources to a folder of their own and write it separately"
+        )
+    sources, orphans = [], []
+    for matting_set in matting_sets:
+        pairs, unmatched = pair_files(matting_set, src)
+        sources += pairs
+        orphans += unmatched
+    return [_Job(source.colour, src, index, targets, matting=source) for index, source in enumerate(sources)], orphans
 
 
 def _prepare_chunk(jobs: list[_Job]) -> list[Dropped | tuple[TarSample, bool]]:
@@ -217,13 +252,15 @@ def _prepare_chunk(jobs: list[_Job]) -> list[Dropped | tuple[TarSample, bool]]:
 
 def _prepare(job: _Job) -> Dropped | tuple[TarSample, bool]:
     relative = job.path.relative_to(job.root).as_posix()
-    layers = None
+    layers = matting = None
     try:
-        if job.layered is None:
-            rgba = load_rgba(job.path, name=relative)
-        else:
+        if job.layered is not None:
             layers = read_layers(job.layered, job.root)
             rgba = layers.foreground
+        elif job.matting is not None:
+            rgba, matting = read_matting_source(job.matting, job.root)
+        else:
+            rgba = load_rgba(job.path, name=relative)
     except MissingAlphaError as error:
         return Dropped(relative, NO_ALPHA, "" if job.layered is None else str(error))
     except LayerProblem as problem:
@@ -255,6 +292,8 @@ def _prepare(job: _Job) -> Dropped | tuple[TarSample, bool]:
         crop_top_left=crop_top_left,
         source=relative,
     )
+    if matting is not None:
+        sample.provenance = {"matting": matting}
     if layers is not None:
         sample.background = _resize_opaque(layers.background, width, height)
         if layers.blend is None:  # from the 8-bit layers as stored, so that it is their "over" up to its own rounding
