@@ -214,7 +214,8 @@ class DiffuMattingModule(DiffusionObjective):
         timesteps = draws.timesteps.to(latents.device)
         noise = draws.noise[0].to(latents.device, latents.dtype)
         dropped = draws.drop[0]
-        token_weights = self._keyword_weights(batch, dropped)
+        # Without the green loss nothing reads the keyword, and a caption need not hold it (a style LoRA's data).
+        token_weights = self._keyword_weights(batch, dropped) if self.green["weight"] else torch.zeros(len(batch), 1)
 
         prompts = self.conditioning.drop(self.encode_prompts(batch.caption, batch.token_ids), dropped)
         noisy = diffusion.add_noise(alphas_cumprod, latents, noise, timesteps)
