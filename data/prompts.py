@@ -29,9 +29,11 @@ class PromptRequest:
 class CollatePrompts:
     """DataLoader ``collate_fn``: requests -> ``PromptBatch`` (a class, so workers can pickle it)."""
 
-    def __init__(self, settings: GenerationSettings, layer_guidance: dict[str, float] | None = None) -> None:
+    def __init__(self, settings: GenerationSettings, layer_guidance: dict[str, float] | None = None,
+                 given_layers: dict[str, str] | None = None) -> None:
         self.settings = settings
         self.layer_guidance = layer_guidance
+        self.given_layers = given_layers
 
     def __call__(self, requests: list[PromptRequest]) -> PromptBatch | LayerPromptBatch:
         if isinstance(requests[0].prompt, dict):
@@ -41,6 +43,7 @@ class CollatePrompts:
                 seeds=[request.seed for request in requests],
                 settings=self.settings,
                 guidance=dict(self.layer_guidance or {}),
+                given=dict(self.given_layers or {}),
             )
         return PromptBatch(
             indices=[request.index for request in requests],
@@ -75,6 +78,9 @@ class PromptDataModule(LightningDataModule):
             e.g. ``{foreground: a cat, background: nothing in a garden, blend: a cat in a garden}``
             (a layer left out gets the empty prompt).
         layer_guidance: guidance scale per layer name, overriding ``settings.guidance_scale``.
+        given_layers: for a joint-layer model trained with conditional modes: layers given as image
+            files, e.g. ``{foreground: cat.png}`` (RGBA) to generate backgrounds around it, or
+            ``{background: room.jpg}`` for foregrounds in a room; the same for every layer set.
         seeds: the seeds every prompt is generated with.
         seed: first seed when ``seeds`` is not given.
         images_per_prompt: images per prompt when ``seeds`` is not given.
@@ -88,6 +94,7 @@ class PromptDataModule(LightningDataModule):
         prompt_file: str | None = None,
         layer_prompts: list[dict[str, str]] | None = None,
         layer_guidance: dict[str, float] | None = None,
+        given_layers: dict[str, str] | None = None,
         seeds: list[int] | None = None,
         seed: int = 0,
         images_per_prompt: int = 1,
@@ -110,8 +117,15 @@ class PromptDataModule(LightningDataModule):
                 "No prompts to generate: set data.init_args.prompts (e.g. '[a glass cup, a cat]') or "
                 "data.init_args.prompt_file (a text file, one prompt per line; this one has none)."
             )
+        if given_layers and not layer_prompts:
+            raise ValueError("given_layers condition a joint-layer model: give layer_prompts too (a prompt per layer, "
+                             "e.g. [{background: a sunny beach}])")
+        missing = [path for path in (given_layers or {}).values() if not Path(path).expanduser().is_file()]
+        if missing:
+            raise FileNotFoundError(f"given layer image {missing[0]} does not exist (working directory {Path.cwd()})")
         self.settings = settings
         self.layer_guidance = layer_guidance
+        self.given_layers = {name: str(Path(path).expanduser()) for name, path in (given_layers or {}).items()}
         self.batch_size = batch_size
         self.requests: list[PromptRequest] = []
         for prompt_number, prompt in enumerate(all_prompts):
@@ -120,5 +134,5 @@ class PromptDataModule(LightningDataModule):
                 self.requests.append(PromptRequest(len(self.requests), prompt, prompt_seed))
 
     def predict_dataloader(self) -> DataLoader:
-        collate = CollatePrompts(self.settings, self.layer_guidance)
+        collate = CollatePrompts(self.settings, self.layer_guidance, self.given_layers)
         return DataLoader(self.requests, batch_size=self.batch_size, shuffle=False, collate_fn=collate)

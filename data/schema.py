@@ -66,7 +66,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from layerdiff.rgba import encode_png, pad_transparent_rgb
+from layerdiff.rgba import encode_png
 
 SCHEMA_VERSION = 1
 
@@ -191,18 +191,6 @@ def kind_mismatch(members: Mapping[str, Any], expected: SampleKind, expected_fro
         "give only image shards or only shards cached by one `python -m data cache-latents` run "
         "(same options), for training and validation alike",
     )
-
-
-def prepare_foreground(rgba: np.ndarray) -> np.ndarray:
-    """Make a float RGBA image storable as ``fg.png``: 8-bit alpha, padded colour.
-
-    Alpha is quantised first so that the pixels padded are exactly those stored
-    with zero alpha (a resampled alpha of 1e-4 would otherwise keep its colour,
-    then round to 0 in the PNG).
-    """
-    alpha = np.rint(np.clip(rgba[..., 3:], 0.0, 1.0) * 255.0) / 255.0
-    quantised = np.concatenate([rgba[..., :3], alpha], axis=-1).astype(np.float32)
-    return np.concatenate([pad_transparent_rgb(quantised), alpha.astype(np.float32)], axis=-1)
 
 
 def alpha_coverage(foreground: np.ndarray) -> float:

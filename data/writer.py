@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from data.layered_sources import (
     NO_FOREGROUND,
@@ -33,9 +32,9 @@ from data.layered_sources import (
 )
 from data.matting_sources import MattingSet, MattingSource, find_matting_sets, pair_files, read_matting_source
 from data.parallel import ordered_parallel_map
-from data.schema import LayerSample, encode_sample, prepare_foreground
+from data.schema import LayerSample, encode_sample
 from data.shards import ShardManifest, ShardWriter, TarSample, serialise_sample
-from layerdiff.rgba import MissingAlphaError, composite, load_rgba
+from layerdiff.rgba import MissingAlphaError, composite, load_rgba, prepare_foreground, resize_and_crop
 
 IMAGE_SUFFIXES = (".png", PSD_SUFFIX)
 EXAMPLES_PER_REASON = 5
@@ -101,35 +100,6 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
     """The ``(w, h)`` bucket whose aspect ratio is nearest ``width / height`` (in log ratio)."""
     aspect = math.log(width / height)
     return min(buckets, key=lambda bucket: abs(math.log(bucket[0] / bucket[1]) - aspect))
-
-
-def resize_and_crop(rgba: np.ndarray, width: int, height: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Scale float RGBA to cover ``width x height``, centre-crop; return it and ``(top, left)``.
-
-    Resampling works on premultiplied colour so the (undefined) colour of
-    invisible pixels cannot bleed into the edges. Shrinking averages areas (a box
-    filter), which keeps alpha inside its input range: Lanczos rings by about 10 %
-    at hard matte edges, a visible halo. Enlarging uses Lanczos.
-    """
-    source_height, source_width = rgba.shape[:2]
-    scale = max(width / source_width, height / source_height)
-    scaled_width = max(width, round(source_width * scale))
-    scaled_height = max(height, round(source_height * scale))
-    if (scaled_width, scaled_height) != (source_width, source_height):
-        resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.LANCZOS
-        alpha = rgba[..., 3]
-        planes = [rgba[..., channel] * alpha for channel in range(3)] + [alpha]
-        resized = [
-            np.asarray(Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32)).resize(
-                (scaled_width, scaled_height), resample))
-            for plane in planes
-        ]
-        alpha = np.clip(resized[3], 0.0, 1.0)
-        safe_alpha = np.maximum(alpha, 1e-6)
-        colour = [np.clip(plane / safe_alpha, 0.0, 1.0) for plane in resized[:3]]
-        rgba = np.stack(colour + [alpha], axis=-1).astype(np.float32)
-    top, left = (scaled_height - height) // 2, (scaled_width - width) // 2
-    return rgba[top:top + height, left:left + width], (top, left)
 
 
 @dataclass(frozen=True)

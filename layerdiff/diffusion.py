@@ -5,8 +5,11 @@ objective that fine-tunes a UNet: one latent per sample (LayerDiffusion arXiv:24
 A step is: :func:`draw` (caption dropout, timesteps, noise: every random number, from one
 generator, in a fixed order) -> :func:`add_noise` -> the UNet -> :func:`target` ->
 :func:`min_snr_weights` -> :func:`denoising_loss`. The layers of a sample share its timestep
-and each have their own noise and caption dropout. Schedules are variance preserving,
-described by ``alphas_cumprod`` (``alpha_bar_t``).
+and each have their own noise and caption dropout. Conditional layer generation (sec. 3.3: a
+layer given clean, at t = 0, is not denoised and carries no loss) adds :func:`draw_modes` (after
+:func:`draw`, so a step without modes draws the same numbers), :func:`given_layers` and
+:func:`layer_losses`. Schedules are variance preserving, described by ``alphas_cumprod``
+(``alpha_bar_t``).
 """
 
 from __future__ import annotations
@@ -142,3 +145,39 @@ def denoising_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torc
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean()
+
+
+def draw_modes(generator: torch.Generator, probabilities: Sequence[float], batch_size: int) -> torch.Tensor:
+    """Each sample's mode (an index into ``probabilities``), drawn after :func:`draw`'s numbers:
+    how a model learns joint and conditional generation at once (LD sec. 3.3). ``[B]``."""
+    return torch.multinomial(torch.tensor(probabilities, dtype=torch.float64), batch_size, replacement=True,
+                             generator=generator)
+
+
+def given_layers(
+    latents: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, given: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet input of layers given as conditions (LD sec. 3.3): where ``given`` (``[B, L]``
+    bool), the clean latent at ``t = 0`` in place of the noisy one. ``latents`` and ``noisy`` are
+    ``[B, L, ...]``, ``timesteps`` the samples' ``[B]``; returns the input ``[B, L, ...]`` and each
+    layer's timestep ``[B, L]``. A sampler prepares a given layer the same way at every step."""
+    mask = given.reshape(*given.shape, *([1] * (latents.ndim - 2))).to(latents.device)
+    layer_timesteps = torch.where(given.to(timesteps.device), torch.zeros_like(timesteps)[:, None], timesteps[:, None])
+    return torch.where(mask, latents, noisy), layer_timesteps
+
+
+def layer_losses(
+    prediction: torch.Tensor, target: torch.Tensor, generated: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LD eq. 8-9 over the layers that were denoised: ``prediction`` and ``target`` ``[B, L, ...]``,
+    ``generated`` ``[B, L]`` (False: a given layer, no loss), ``weights`` per sample (Min-SNR).
+    Returns the mean squared error over every generated (sample, layer) pair, and per layer its
+    mean over the samples that generated it (``[L]``; NaN for a layer no sample generated). With
+    every layer generated the total is eq. 9's, the mean of eq. 8's per-layer terms."""
+    errors = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(2).mean(dim=2)  # [B, L]
+    if weights is not None:
+        errors = errors * weights[:, None]
+    generated = generated.to(errors.device, errors.dtype)
+    total = (errors * generated).sum() / generated.sum().clamp_min(1.0)
+    per_layer = (errors * generated).sum(dim=0) / generated.sum(dim=0)
+    return total, per_layer

@@ -57,6 +57,35 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def resize_and_crop(rgba: np.ndarray, width: int, height: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Scale float RGBA to cover ``width x height``, centre-crop; return it and ``(top, left)``.
+
+    Resampling works on premultiplied colour so the (undefined) colour of
+    invisible pixels cannot bleed into the edges. Shrinking averages areas (a box
+    filter), which keeps alpha inside its input range: Lanczos rings by about 10 %
+    at hard matte edges, a visible halo. Enlarging uses Lanczos.
+    """
+    source_height, source_width = rgba.shape[:2]
+    scale = max(width / source_width, height / source_height)
+    scaled_width = max(width, round(source_width * scale))
+    scaled_height = max(height, round(source_height * scale))
+    if (scaled_width, scaled_height) != (source_width, source_height):
+        resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.LANCZOS
+        alpha = rgba[..., 3]
+        planes = [rgba[..., channel] * alpha for channel in range(3)] + [alpha]
+        resized = [
+            np.asarray(Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32)).resize(
+                (scaled_width, scaled_height), resample))
+            for plane in planes
+        ]
+        alpha = np.clip(resized[3], 0.0, 1.0)
+        safe_alpha = np.maximum(alpha, 1e-6)
+        colour = [np.clip(plane / safe_alpha, 0.0, 1.0) for plane in resized[:3]]
+        rgba = np.stack(colour + [alpha], axis=-1).astype(np.float32)
+    top, left = (scaled_height - height) // 2, (scaled_width - width) // 2
+    return rgba[top:top + height, left:left + width], (top, left)
+
+
 def pad_transparent_rgb(rgba: np.ndarray, shrink: float = 1.2) -> np.ndarray:
     """Fill colour under zero alpha with a smooth extension of the visible colour.
 
@@ -79,6 +108,18 @@ def pad_transparent_rgb(rgba: np.ndarray, shrink: float = 1.2) -> np.ndarray:
     fill = pyramid_fill(rgb, alpha, shrink)
     padded = torch.where(alpha > 0, rgb, fill.clamp(0.0, 1.0))
     return padded[0].permute(1, 2, 0).numpy()
+
+
+def prepare_foreground(rgba: np.ndarray) -> np.ndarray:
+    """Make a float RGBA image storable as ``fg.png``: 8-bit alpha, padded colour.
+
+    Alpha is quantised first so that the pixels padded are exactly those stored
+    with zero alpha (a resampled alpha of 1e-4 would otherwise keep its colour,
+    then round to 0 in the PNG).
+    """
+    alpha = np.rint(np.clip(rgba[..., 3:], 0.0, 1.0) * 255.0) / 255.0
+    quantised = np.concatenate([rgba[..., :3], alpha], axis=-1).astype(np.float32)
+    return np.concatenate([pad_transparent_rgb(quantised), alpha.astype(np.float32)], axis=-1)
 
 
 def pyramid_fill(

@@ -27,8 +27,9 @@ from data.layered_sources import (
 from data.schema import SchemaError, decode_sample
 from data.shards import iter_shard_samples
 from data.spec import resolve_shards
-from data.writer import NO_ALPHA, UNREADABLE, resize_and_crop, write_folder
+from data.writer import NO_ALPHA, UNREADABLE, write_folder
 from layerdiff.batches import LayeredBatch
+from layerdiff.rgba import resize_and_crop
 from support.shards import tiny_rgba
 
 

@@ -18,10 +18,10 @@ from data.schema import (
     SchemaError,
     decode_sample,
     encode_sample,
-    prepare_foreground,
 )
 from data.shards import INDEX_NAME, ShardWriter, iter_shard_samples
 from data.spec import ShardSpecError, resolve_shards
+from layerdiff.rgba import prepare_foreground
 from support.shards import (
     rgb_png,
     tiny_rgba,

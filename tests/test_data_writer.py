@@ -22,9 +22,9 @@ from data.writer import (
     UNREADABLE,
     nearest_bucket,
     parse_buckets,
-    resize_and_crop,
     write_folder,
 )
+from layerdiff.rgba import resize_and_crop
 from support.shards import tiny_rgba
 
 

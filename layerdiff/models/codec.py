@@ -47,6 +47,20 @@ def encode_opaque(vae: AutoencoderKL, rgb: torch.Tensor) -> torch.Tensor:
     return vae.encode(rgb * 2.0 - 1.0).latent_dist.mean
 
 
+def layer_latent(
+    vae: AutoencoderKL, transparent_encoder: LatentTransparencyEncoder | None, rgb: torch.Tensor, alpha: torch.Tensor | None
+) -> torch.Tensor:
+    """A layer's latent on the UNet's scale: a transparent layer's adjusted latent ``x_a``
+    (straight padded colour and alpha), an opaque layer's plain one (``alpha`` None). What joint
+    training denoises and what a layer given as a condition (LD sec. 3.3) carries, in training
+    and in sampling alike."""
+    if alpha is None:
+        return diffusion_latent(vae, encode_opaque(vae, rgb))
+    if transparent_encoder is None:
+        raise ValueError("a transparent layer's latent needs the transparency encoder (transparent_vae)")
+    return diffusion_latent(vae, encode_adjusted(vae, transparent_encoder, rgb, alpha)[1])
+
+
 def decode_pixels(vae: AutoencoderKL, latent: torch.Tensor) -> torch.Tensor:
     """``D*``: the frozen VAE's decode in [0, 1], not clipped (so gradients pass)."""
     return vae.decode(latent).sample * 0.5 + 0.5

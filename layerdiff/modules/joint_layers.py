@@ -1,11 +1,13 @@
 """Joint multi-layer generation (LayerDiffusion arXiv:2402.17113 sec. 3.3, eq. 8-9): the layers
 of one image (a transparent foreground in the adjusted latent space, an opaque background and
 blend in the plain one) are denoised together by one frozen UNet, each layer with its own LoRA,
-attention shared between the layers of a sample (``layerdiff.models.layer_sharing``)."""
+attention shared between the layers of a sample (``layerdiff.models.layer_sharing``); and the
+conditional modes of sec. 3.3, where some layers are given clean (t = 0) and the others
+generated, mixed per sample in one model."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypedDict
 
 import torch
 
@@ -23,6 +25,25 @@ from layerdiff.pipelines.joint_layers import GeneratedLayers, JointLayerGenerato
 
 class LayerMismatchError(ValueError):
     """A batch's layers are not the layers the model was built for."""
+
+
+class LayerMode(TypedDict):
+    """One way of using a training sample (LD sec. 3.3): ``given`` names the layers given clean
+    (at t = 0, not denoised, no loss), ``[]`` is joint generation; ``probability`` is the share of
+    samples trained so. E.g. ``[{given: [], probability: 0.5}, {given: [foreground], probability:
+    0.25}, {given: [background], probability: 0.25}]``: one model that generates both layers, a
+    background for a given foreground and a foreground for a given background."""
+
+    given: list[str]
+    probability: float
+
+
+JOINT_ONLY = [LayerMode(given=[], probability=1.0)]
+
+
+def mode_name(given: list[str] | tuple[str, ...]) -> str:
+    """``joint``, or ``given_<layer>[+<layer>]`` (the metric prefix of a mode)."""
+    return "given_" + "+".join(given) if given else "joint"
 
 
 class JointLayerLoRAModule(DiffusionObjective):
@@ -53,6 +74,9 @@ class JointLayerLoRAModule(DiffusionObjective):
         lora_rank: rank of each layer's LoRA (the paper: 256).
         lora_alpha: LoRA scale numerator (scale = alpha / rank); defaults to the rank, as released.
         lora_projections: attention projections adapted, in self- and cross-attention.
+        modes: the joint and conditional modes trained, each with its share of the samples
+            (:class:`LayerMode`); default: joint only. Validation measures every mode on every
+            held-out sample (``val/<mode>/loss_<layer>``).
         init_from: a layer-sharing file to start the units from: the released
             ``layer_sd15_joint.safetensors`` or ``python -m layerdiff.export layer-sharing``'s
             ``layerdiff_layer_sharing.safetensors`` (or its folder); it must fit the units (mode,
@@ -85,6 +109,7 @@ class JointLayerLoRAModule(DiffusionObjective):
         lora_rank: int = 256,
         lora_alpha: float | None = None,
         lora_projections: tuple[str, ...] = PROJECTIONS,
+        modes: list[LayerMode] | None = None,
         init_from: str | None = None,
         prediction_type: Literal["epsilon", "v_prediction"] | None = None,
         min_snr_gamma: float | None = None,
@@ -112,6 +137,8 @@ class JointLayerLoRAModule(DiffusionObjective):
             raise ValueError(f"caption_dropout is a probability in [0, 1]; got {caption_dropout}")
         self.save_hyperparameters()
         self.layers, self.transparent_layers = layers, transparent_layers
+        self.modes = _checked_modes(modes or JOINT_ONLY, layers)
+        self.given_masks = torch.tensor([[name in mode["given"] for name in layers] for mode in self.modes])  # [M, L]
 
         self.load_base(transparent_vae, base_model, base_revision, prediction_type)
         unet_source = {"pretrained": base_unet, "subfolder": None} if base_unet else {"pretrained": base_model}
@@ -150,15 +177,10 @@ class JointLayerLoRAModule(DiffusionObjective):
     @torch.no_grad()
     def diffusion_latents(self, layers: list[Layer]) -> torch.Tensor:
         """Every layer's latent on the UNet's scale, ``[B, L, 4, h, w]``: the transparent layers'
-        adjusted latents ``x_a``, the opaque layers' plain VAE latents."""
-        latents = []
-        for layer in layers:
-            if layer.alpha is not None:
-                _, latent = codec.encode_adjusted(self.vae, self.transparent_encoder, layer.rgb, layer.alpha)
-            else:
-                latent = codec.encode_opaque(self.vae, layer.rgb)
-            latents.append(codec.diffusion_latent(self.vae, latent))
-        return torch.stack(latents, dim=1)
+        adjusted latents ``x_a``, the opaque layers' plain VAE latents (``codec.layer_latent``, as
+        generation prepares a given layer)."""
+        return torch.stack([codec.layer_latent(self.vae, self.transparent_encoder, layer.rgb, layer.alpha)
+                            for layer in layers], dim=1)
 
     def layer_prompts(self, layers: list[Layer], drop: torch.Tensor) -> PromptEmbeddings:
         """Each layer's caption embeddings (dropped to the empty caption where ``drop[l, b]``),
@@ -172,7 +194,18 @@ class JointLayerLoRAModule(DiffusionObjective):
     # -- the objective -------------------------------------------------------------------
 
     def compute_loss(self, batch: LayeredBatch, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """LD eq. 9 on one batch (``loss``) and eq. 8's term of each layer (``loss_{layer}``)."""
+        """LD eq. 9 on one batch (``loss``: over the layers denoised) and eq. 8's term of each
+        layer (``loss_{layer}``; NaN for a layer no sample generated), each sample in a mode drawn
+        by its probability."""
+        return self._losses(batch, generator, None)["train"]
+
+    def mode_losses(self, batch: LayeredBatch, generator: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
+        """:meth:`compute_loss`'s terms with every sample in each mode in turn, on the same draws,
+        by mode name (:func:`mode_name`): how well the model does each of its tasks."""
+        return self._losses(batch, generator, list(range(len(self.modes))))
+
+    def _losses(self, batch: LayeredBatch, generator: torch.Generator,
+                modes: list[int] | None) -> dict[str, dict[str, torch.Tensor]]:
         layers = self._batch_layers(batch)
         latents = self.diffusion_latents(layers)
         samples, count = latents.shape[:2]
@@ -181,38 +214,50 @@ class JointLayerLoRAModule(DiffusionObjective):
                                hp.caption_dropout, hp.noise_offset)
         timesteps = draws.timesteps.to(latents.device)
         noise = torch.stack(draws.noise, dim=1).to(latents.device, latents.dtype)
-
-        rows = timesteps.repeat_interleave(count)
-        flat_latents, flat_noise = latents.flatten(0, 1), noise.flatten(0, 1)
+        noisy = diffusion.add_noise(alphas_cumprod, latents.flatten(0, 1), noise.flatten(0, 1),
+                                    timesteps.repeat_interleave(count)).unflatten(0, (samples, count))
         prompts = self.layer_prompts(layers, draws.drop)
         target_size = tuple(side * self.vae_scale_factor for side in latents.shape[-2:])
         added = self.conditioning.added_conditions(prompts, batch.original_size.repeat_interleave(count, dim=0),
                                                    batch.crop_top_left.repeat_interleave(count, dim=0), target_size)
-        noisy = diffusion.add_noise(alphas_cumprod, flat_latents, flat_noise, rows)
-        prediction = self.unet(noisy, rows, encoder_hidden_states=prompts.hidden, added_cond_kwargs=added).sample
-        target = diffusion.target(self.prediction_type, alphas_cumprod, flat_latents, flat_noise, rows)
-
-        prediction, target = prediction.unflatten(0, (samples, count)), target.unflatten(0, (samples, count))
-        weights = self.loss_weights(timesteps)
-        terms = {f"loss_{name}": diffusion.denoising_loss(prediction[:, index], target[:, index], weights)
-                 for index, name in enumerate(self.layers)}
-        return {"loss": torch.stack(list(terms.values())).mean(), **terms}
+        if modes is None:  # one mode needs no draw, so a joint-only model's steps are as before modes existed
+            drawn = (diffusion.draw_modes(generator, [m["probability"] for m in self.modes], samples)
+                     if len(self.modes) > 1 else torch.zeros(samples, dtype=torch.long))
+            runs = {"train": self.given_masks[drawn]}
+        else:
+            runs = {mode_name(self.modes[m]["given"]): self.given_masks[m].expand(samples, count) for m in modes}
+        results = {}
+        for name, given in runs.items():
+            model_input, layer_timesteps = diffusion.given_layers(latents, noisy, timesteps, given)
+            rows = layer_timesteps.flatten()
+            prediction = self.unet(model_input.flatten(0, 1), rows, encoder_hidden_states=prompts.hidden,
+                                   added_cond_kwargs=added).sample
+            target = diffusion.target(self.prediction_type, alphas_cumprod, latents.flatten(0, 1), noise.flatten(0, 1), rows)
+            total, per_layer = diffusion.layer_losses(prediction.unflatten(0, (samples, count)),
+                                                      target.unflatten(0, (samples, count)), ~given,
+                                                      self.loss_weights(timesteps))
+            results[name] = {"loss": total, **{f"loss_{layer}": per_layer[i] for i, layer in enumerate(self.layers)}}
+        return results
 
     def training_step(self, batch: LayeredBatch, batch_idx: int) -> torch.Tensor | None:
         losses = self.compute_loss(batch, self.generator("noise"))
         if self.skip_non_finite({"diffusion": losses["loss"]}):
             return None  # Lightning then skips backward and the update
         self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=len(batch))
-        self.log_dict({f"train/{name}": value.detach() for name, value in losses.items() if name != "loss"},
-                      batch_size=len(batch))
+        # a layer that no sample of this batch generated has no term (NaN): not logged
+        self.log_dict({f"train/{name}": value.detach() for name, value in losses.items()
+                       if name != "loss" and value.isfinite()}, batch_size=len(batch))
         return losses["loss"]
 
     def validation_step(self, batch: LayeredBatch, batch_idx: int) -> torch.Tensor:
-        losses = self.compute_loss(batch, self._validation_generator)
-        self.log("val/loss", losses["loss"], prog_bar=True, batch_size=len(batch), sync_dist=True)
-        self.log_dict({f"val/{name}": value for name, value in losses.items() if name != "loss"},
-                      batch_size=len(batch), sync_dist=True)
-        return losses["loss"]
+        per_mode = self.mode_losses(batch, self._validation_generator)
+        logged = _expected_terms(per_mode, self.modes, self.layers)  # each term's mean over the modes' shares
+        if len(self.modes) > 1:
+            logged.update({f"{mode}/{name}": value for mode, terms in per_mode.items() for name, value in terms.items()
+                           if value.isfinite()})
+        self.log("val/loss", logged.pop("loss"), prog_bar=True, batch_size=len(batch), sync_dist=True)
+        self.log_dict({f"val/{name}": value for name, value in logged.items()}, batch_size=len(batch), sync_dist=True)
+        return per_mode[mode_name(self.modes[0]["given"])]["loss"]
 
     # -- generation: train.py predict and the layer-samples callback -----------------------
 
@@ -222,8 +267,43 @@ class JointLayerLoRAModule(DiffusionObjective):
             self._generator = JointLayerGenerator(
                 self.unet, self.vae, self.text_encoders, self.transparent_decoder, self.layers, self.transparent_layers,
                 self.hparams.base_model, self.hparams.base_revision, self.hparams.decode_augmentation,
+                self.transparent_encoder, [mode["given"] for mode in self.modes],
             )
         return self._generator
 
     def predict_step(self, batch: LayerPromptBatch, batch_idx: int) -> list[GeneratedLayers]:
         return self.layer_generator()(batch)
+
+
+def _checked_modes(modes: list[LayerMode], layers: tuple[str, ...]) -> list[LayerMode]:
+    checked, seen = [], set()
+    for mode in modes:
+        given = tuple(mode.get("given") or ())
+        probability = float(mode.get("probability", 0.0))
+        stray = [name for name in given if name not in layers]
+        if stray or len(set(given)) != len(given):
+            raise ValueError(f"mode {dict(mode)}: given layers must be distinct layers of {list(layers)}; got {list(given)}")
+        if len(given) == len(layers):
+            raise ValueError(f"mode {dict(mode)} gives every layer, so it generates nothing; leave at least one out")
+        if probability <= 0 or given in seen:
+            raise ValueError(f"mode {dict(mode)}: each mode once, with a probability > 0")
+        seen.add(given)
+        checked.append(LayerMode(given=list(given), probability=probability))
+    total = sum(mode["probability"] for mode in checked)
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"the modes' probabilities add up to {total:g}, not 1: {[dict(mode) for mode in checked]}")
+    return checked
+
+
+def _expected_terms(per_mode: dict[str, dict[str, torch.Tensor]], modes: list[LayerMode],
+                    layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """``loss`` and each ``loss_{layer}`` averaged over the modes by their shares (a layer's over
+    the modes that generate it): what training's loss is in expectation on these draws."""
+    shares = {mode_name(mode["given"]): mode["probability"] for mode in modes}
+    expected = {"loss": sum(shares[name] * terms["loss"] for name, terms in per_mode.items())}
+    for layer in layers:
+        generating = [name for name, terms in per_mode.items() if terms[f"loss_{layer}"].isfinite()]
+        if generating:
+            weight = sum(shares[name] for name in generating)
+            expected[f"loss_{layer}"] = sum(shares[name] * per_mode[name][f"loss_{layer}"] for name in generating) / weight
+    return expected

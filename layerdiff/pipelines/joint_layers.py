@@ -1,6 +1,12 @@
 """Inference for joint layers (LayerDiffusion arXiv:2402.17113 sec. 3.3): a prompt per layer ->
 one layer set per seed (transparent foreground, background, blend, ...), all layers of a sample
-denoised together by the UNet with its layer-sharing units.
+denoised together by the UNet with its layer-sharing units; or, conditionally, some layers given
+as images and the others generated around them.
+
+A given layer is prepared exactly as training prepared it (``read_layer_image``: the shards'
+crop, padding and 8-bit rounding; ``codec.layer_latent``) and enters every step of every sampler
+as its clean latent at t = 0 (``diffusion.given_layers``), bypassing the sampler's input scaling,
+in the unconditional branch of classifier-free guidance as in the conditional one.
 
 The loop is written out rather than a diffusers pipeline's, because each layer has its own
 prompt, its own negative prompt and its own guidance scale. It uses diffusers' schedulers
@@ -14,26 +20,32 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from PIL import Image
 from torch import nn
 
+from layerdiff import diffusion
 from layerdiff.models import codec
 from layerdiff.models.base import TextEncoders, detect_architecture
 from layerdiff.models.text import PromptConditioning, PromptEmbeddings
 from layerdiff.pipelines.transparent import GenerationSettings, load_scheduler_config, make_scheduler
+from layerdiff.rgba import load_rgba, prepare_foreground, resize_and_crop
 
 
 @dataclass
 class LayerPromptBatch:
     """Layer sets to generate: per sample its run position, a prompt per layer name and a seed;
-    ``guidance`` optionally overrides ``settings.guidance_scale`` per layer."""
+    ``guidance`` optionally overrides ``settings.guidance_scale`` per layer; ``given`` maps layers
+    given as images (an image file, the same for every sample) to their paths."""
 
     indices: list[int]
     prompts: list[dict[str, str]]
     seeds: list[int]
     settings: GenerationSettings
     guidance: dict[str, float] = field(default_factory=dict)
+    given: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -49,6 +61,24 @@ class GeneratedLayers:
     prompts: dict[str, str]
     layers: dict[str, torch.Tensor]
     parameters: dict[str, Any]
+
+
+def read_layer_image(path: str, width: int, height: int, transparent: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A layer given as an image file, as the training shards hold such a layer: scaled to cover
+    ``width x height`` and centre-cropped, 8-bit, a transparent layer with its colour padded under
+    alpha 0. ``([3, H, W], [1, H, W] or None)`` in [0, 1]."""
+    if transparent:
+        rgba = load_rgba(path)  # names the file when it has no alpha
+        rgba = prepare_foreground(resize_and_crop(rgba, width, height)[0])
+    else:
+        with Image.open(path) as image:
+            if image.mode in ("RGBA", "LA", "PA") and image.getchannel("A").getextrema()[0] < 255:
+                raise ValueError(f"{path}: has transparent pixels, but it is given as an opaque layer; flatten it onto "
+                                 "a background first (or give it as the transparent layer)")
+            rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        rgba = resize_and_crop(np.concatenate([rgb, np.ones_like(rgb[..., :1])], axis=-1), width, height)[0]
+    pixels = torch.from_numpy(np.rint(np.clip(rgba, 0.0, 1.0) * 255.0) / 255.0).float().permute(2, 0, 1)
+    return pixels[:3], pixels[3:] if transparent else None
 
 
 def layer_noise(seed: int, layers: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -74,8 +104,12 @@ class JointLayerGenerator:
         base_model: str,
         base_revision: str | None = None,
         decode_augmentation: bool = False,
+        transparent_encoder: nn.Module | None = None,
+        given_sets: Sequence[Sequence[str]] = ((),),
     ) -> None:
         self.unet, self.vae, self.transparent_decoder = unet, vae, transparent_decoder
+        self.transparent_encoder = transparent_encoder
+        self.given_sets = {tuple(sorted(given)) for given in given_sets}  # the conditions the model was trained for
         self.conditioning = PromptConditioning(text_encoders)
         self.layers, self.transparent_layers = tuple(layers), tuple(transparent_layers)
         self.architecture = detect_architecture(base_model, revision=base_revision)
@@ -97,6 +131,22 @@ class JointLayerGenerator:
         unknown = sorted(set(batch.guidance) - set(self.layers))
         if unknown:
             raise ValueError(f"guidance for layers {unknown}, but this model generates layers {list(self.layers)}")
+        if tuple(sorted(batch.given)) not in self.given_sets:
+            trained = [sorted(given) or "none (joint)" for given in sorted(self.given_sets)]
+            raise ValueError(f"layers {sorted(batch.given)} given as images, but this model was trained with given layers "
+                             f"{trained} (its modes): give one of those sets, or train the mode (model.init_args.modes)")
+
+    def _given_latents(self, given: dict[str, str], settings: GenerationSettings) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Each given layer's pixels (``[3 or 4, H, W]``) and latent (``[1, 4, h, w]``)."""
+        prepared = {}
+        for name, path in given.items():
+            transparent = name in self.transparent_layers
+            rgb, alpha = read_layer_image(path, settings.width, settings.height, transparent)
+            device, dtype = self.vae.device, self.vae.dtype
+            latent = codec.layer_latent(self.vae, self.transparent_encoder, rgb[None].to(device, dtype),
+                                        None if alpha is None else alpha[None].to(device, dtype))
+            prepared[name] = (rgb if alpha is None else torch.cat([rgb, alpha]), latent)
+        return prepared
 
     @torch.no_grad()
     def __call__(self, batch: LayerPromptBatch) -> list[GeneratedLayers]:
@@ -110,7 +160,9 @@ class JointLayerGenerator:
 
         texts = [prompts.get(name, "") for prompts in batch.prompts for name in self.layers]  # (b l)
         conditional = self._prompts(texts)
-        unconditional = self._prompts([settings.negative_prompt] * len(texts))
+        # a given layer is the same condition in both branches: its own prompt in the unconditional one too
+        unconditional = self._prompts([prompts.get(name, "") if name in batch.given else settings.negative_prompt
+                                       for prompts in batch.prompts for name in self.layers])
         scales = torch.tensor([batch.guidance.get(name, settings.guidance_scale) for name in self.layers] * samples)
         guided = bool((scales != 1.0).any())
         prompts = (PromptEmbeddings(torch.cat([unconditional.hidden, conditional.hidden]),
@@ -120,10 +172,18 @@ class JointLayerGenerator:
         sizes = torch.tensor([[settings.height, settings.width]] * rows, device=device)
         added = self.conditioning.added_conditions(prompts, sizes, torch.zeros_like(sizes), (settings.height, settings.width))
 
+        given = self._given_latents(batch.given, settings)
+        given_rows = torch.tensor([name in given for name in self.layers] * samples, device=device)
+        clean = torch.zeros((samples * count, *shape), device=device, dtype=dtype)
+        for index, name in enumerate(self.layers):
+            if name in given:
+                clean[index::count] = given[name][1].to(device, dtype)
+        mask = given_rows.repeat(rows // len(given_rows))
+
         scheduler = make_scheduler(settings.scheduler, self.scheduler_config)
         scheduler.set_timesteps(settings.steps, device=device)
         latents = torch.cat([layer_noise(seed, count, shape) for seed in batch.seeds]).to(device, dtype)
-        latents = latents * scheduler.init_noise_sigma
+        latents = torch.where(given_rows[:, None, None, None], clean, latents * scheduler.init_noise_sigma)
         # Ancestral samplers draw fresh noise each step: from per-row generators, so a sample
         # depends on its own seed only.
         step_generators = [torch.Generator().manual_seed(int(seed) * 1009 + 1 + layer)
@@ -132,25 +192,41 @@ class JointLayerGenerator:
         for timestep in scheduler.timesteps:
             model_input = torch.cat([latents, latents]) if guided else latents
             model_input = scheduler.scale_model_input(model_input, timestep)
-            prediction = self.unet(model_input, timestep.expand(rows), encoder_hidden_states=prompts.hidden,
+            model_input, row_timesteps = self._with_given(model_input, timestep, clean, mask, guided)
+            prediction = self.unet(model_input, row_timesteps, encoder_hidden_states=prompts.hidden,
                                    added_cond_kwargs=added).sample
             if guided:
                 without, with_prompt = prediction.chunk(2)
                 prediction = without + scales * (with_prompt - without)
             latents = scheduler.step(prediction, timestep, latents, generator=step_generators).prev_sample
-        return self._decode(latents.unflatten(0, (samples, count)), batch, settings)
+            latents = torch.where(given_rows[:, None, None, None], clean, latents)  # a given layer never moves
+        return self._decode(latents.unflatten(0, (samples, count)), batch, settings, given)
 
-    def _decode(self, latents: torch.Tensor, batch: LayerPromptBatch, settings: GenerationSettings) -> list[GeneratedLayers]:
+    @staticmethod
+    def _with_given(model_input: torch.Tensor, timestep: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor,
+                    guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Given rows as training prepared them (``diffusion.given_layers``): the clean latent at
+        t = 0, unscaled by the sampler, in both halves of a guided batch."""
+        clean = torch.cat([clean, clean]) if guided else clean
+        given = mask[:, None].to(model_input.device)
+        prepared, timesteps = diffusion.given_layers(clean[:, None], model_input[:, None],
+                                                     timestep.expand(len(model_input)), given)
+        return prepared[:, 0], timesteps[:, 0]
+
+    def _decode(self, latents: torch.Tensor, batch: LayerPromptBatch, settings: GenerationSettings,
+                given: dict[str, tuple[torch.Tensor, ...]]) -> list[GeneratedLayers]:
         decoded: dict[str, torch.Tensor] = {}
         for index, name in enumerate(self.layers):
             layer_latents = latents[:, index].to(self.vae.dtype)
-            if name in self.transparent_layers:
+            if name in given:  # the image itself, not its decode
+                decoded[name] = given[name][0].float().cpu()[None].expand(len(latents), -1, -1, -1)
+            elif name in self.transparent_layers:
                 alpha, rgb = codec.decode_rgba(self.vae, self.transparent_decoder, layer_latents, self.decode_augmentation)
                 decoded[name] = torch.cat([rgb, alpha], dim=1).float().cpu()
             else:
                 decoded[name] = codec.decode_opaque(self.vae, layer_latents).float().cpu()
         shared = {**asdict(settings), "guidance": dict(batch.guidance), "base_model": self.base_model,
-                  "base_revision": self.base_revision, "layers": list(self.layers),
+                  "base_revision": self.base_revision, "layers": list(self.layers), "given": dict(batch.given),
                   "decode_augmentation": self.decode_augmentation}
         return [
             GeneratedLayers(
