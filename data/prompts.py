@@ -10,11 +10,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from layerdiff.pipelines import GenerationSettings, LayerPromptBatch, PromptBatch
+from layerdiff.pipelines import CompositionBatch, GenerationSettings, LayerPromptBatch, PromptBatch
+
+
+class Composition(TypedDict, total=False):
+    """One composition built layer by layer (LD sec. 4.3): ``background`` (its prompt),
+    ``background_image`` (an image file to start from instead of generating it) and
+    ``foregrounds`` (the prompts of the transparent layers, bottom to top)."""
+
+    background: str
+    background_image: str | None
+    foregrounds: list[str]
 
 
 @dataclass
@@ -22,7 +33,7 @@ class PromptRequest:
     """One image to generate: ``index`` is its position in the run (file names follow it)."""
 
     index: int
-    prompt: str | dict[str, str]
+    prompt: str | dict[str, str] | Composition
     seed: int
 
 
@@ -35,7 +46,17 @@ class CollatePrompts:
         self.layer_guidance = layer_guidance
         self.given_layers = given_layers
 
-    def __call__(self, requests: list[PromptRequest]) -> PromptBatch | LayerPromptBatch:
+    def __call__(self, requests: list[PromptRequest]) -> PromptBatch | LayerPromptBatch | CompositionBatch:
+        if isinstance(requests[0].prompt, dict) and "foregrounds" in requests[0].prompt:
+            return CompositionBatch(
+                indices=[request.index for request in requests],
+                backgrounds=[request.prompt.get("background", "") for request in requests],
+                background_images=[str(Path(image).expanduser()) if (image := request.prompt.get("background_image"))
+                                   else None for request in requests],
+                foregrounds=[list(request.prompt["foregrounds"]) for request in requests],
+                seeds=[request.seed for request in requests],
+                settings=self.settings,
+            )
         if isinstance(requests[0].prompt, dict):
             return LayerPromptBatch(
                 indices=[request.index for request in requests],
@@ -78,6 +99,8 @@ class PromptDataModule(LightningDataModule):
             e.g. ``{foreground: a cat, background: nothing in a garden, blend: a cat in a garden}``
             (a layer left out gets the empty prompt).
         layer_guidance: guidance scale per layer name, overriding ``settings.guidance_scale``.
+        compositions: for a joint-layer model trained with the background given: layer stacks built
+            one foreground at a time (:class:`Composition`), each written as one layered file.
         given_layers: for a joint-layer model trained with conditional modes: layers given as image
             files, e.g. ``{foreground: cat.png}`` (RGBA) to generate backgrounds around it, or
             ``{background: room.jpg}`` for foregrounds in a room; the same for every layer set.
@@ -93,6 +116,7 @@ class PromptDataModule(LightningDataModule):
         prompts: list[str] | None = None,
         prompt_file: str | None = None,
         layer_prompts: list[dict[str, str]] | None = None,
+        compositions: list[Composition] | None = None,
         layer_guidance: dict[str, float] | None = None,
         given_layers: dict[str, str] | None = None,
         seeds: list[int] | None = None,
@@ -109,9 +133,17 @@ class PromptDataModule(LightningDataModule):
             )
         if images_per_prompt < 1 or batch_size < 1:
             raise ValueError(f"images_per_prompt and batch_size must be >= 1; got {images_per_prompt}, {batch_size}")
-        if layer_prompts and (prompts or prompt_file):
-            raise ValueError("Give either layer_prompts (a joint-layer model) or prompts/prompt_file, not both.")
-        all_prompts = list(layer_prompts or []) or list(prompts or []) + (read_prompt_file(prompt_file) if prompt_file else [])
+        if sum(bool(kind) for kind in (layer_prompts, compositions, prompts or prompt_file)) > 1:
+            raise ValueError("Give one of layer_prompts (a joint-layer model), compositions (layer by layer) or "
+                             "prompts/prompt_file, not several.")
+        for composition in compositions or []:
+            image = composition.get("background_image")
+            if not composition.get("foregrounds"):
+                raise ValueError(f"composition {dict(composition)} has no foregrounds: list their prompts, bottom to top")
+            if image is not None and not Path(image).expanduser().is_file():
+                raise FileNotFoundError(f"background image {image} does not exist (working directory {Path.cwd()})")
+        all_prompts = (list(layer_prompts or []) or list(compositions or [])
+                       or list(prompts or []) + (read_prompt_file(prompt_file) if prompt_file else []))
         if not all_prompts:
             raise ValueError(
                 "No prompts to generate: set data.init_args.prompts (e.g. '[a glass cup, a cat]') or "

@@ -156,3 +156,45 @@ def codec_latent(module, layer) -> torch.Tensor:
     rgb, alpha = layer
     with torch.no_grad():
         return codec.layer_latent(module.vae, module.transparent_encoder, rgb[None], alpha[None])
+
+
+def test_composing_three_layers_leaves_each_earlier_layer_untouched_and_blends_exactly(parts, mixture, tmp_path):
+    from psd_tools import PSDImage
+
+    from callbacks.layer_writer import LayerSetWriter
+    from data.prompts import PromptDataModule
+    from layerdiff.pipelines.composition import compose
+
+    Image.new("RGB", (64, 64), (40, 90, 200)).save(tmp_path / "sky.png")
+    data = PromptDataModule(compositions=[{"background": "a sky", "background_image": str(tmp_path / "sky.png"),
+                                           "foregrounds": ["a sun", "a bird", "a cloud"]},
+                                          {"background": "a beach", "foregrounds": ["a ball", "a crab"]}],
+                            settings=GenerationSettings(width=64, height=64, steps=2, guidance_scale=2.0), seed=7)
+    batches = list(data.predict_dataloader())
+    stacks = [stack for batch in batches for stack in compose(mixture.layer_generator(), batch)]
+    first, second = stacks
+    assert list(first.layers) == ["foreground_3", "foreground_2", "foreground_1", "background", "blend"]
+    assert list(second.layers) == ["foreground_2", "foreground_1", "background", "blend"]
+    # the background image is kept as given; composing the stack bottom to top gives the blend
+    torch.testing.assert_close(first.layers["background"], read_layer_image(str(tmp_path / "sky.png"), 64, 64, False)[0])
+    for stack in stacks:
+        blend = stack.layers["background"]
+        for name in [name for name in stack.layers if name.startswith("foreground")][::-1]:
+            blend = stack.layers[name][:3] * stack.layers[name][3:] + blend * (1 - stack.layers[name][3:])
+        torch.testing.assert_close(stack.layers["blend"], blend)
+    # a composition with one layer fewer is the same up to that layer: adding one changes none before it
+    shorter = PromptDataModule(compositions=[{"background": "a sky", "background_image": str(tmp_path / "sky.png"),
+                                              "foregrounds": ["a sun", "a bird"]}],
+                               settings=GenerationSettings(width=64, height=64, steps=2, guidance_scale=2.0), seed=7)
+    prefix = compose(mixture.layer_generator(), next(iter(shorter.predict_dataloader())))[0]
+    for name in ("foreground_1", "foreground_2"):
+        torch.testing.assert_close(prefix.layers[name], first.layers[name])
+    # written as one layered file with every layer, the blend hidden on top
+    writer = LayerSetWriter(str(tmp_path / "out"))
+    writer.on_predict_start(None, None)
+    writer.write_on_batch_end(type("T", (), {"ckpt_path": None})(), None, [first], None, None, 0, 0)
+    psd = PSDImage.open(next((tmp_path / "out").glob("*.psd")))
+    names = [layer.name for layer in psd]
+    assert names[::-1] == ["blend (generated)", "foreground_3", "foreground_2", "foreground_1", "background"]
+    merged = np.asarray(psd.composite().convert("RGB"), np.float32) / 255.0
+    assert np.abs(merged - first.layers["blend"].permute(1, 2, 0).numpy()).max() <= 2.5 / 255

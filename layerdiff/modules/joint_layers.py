@@ -20,6 +20,7 @@ from layerdiff.models.layer_sharing import PROJECTIONS, SharingMode, add_layer_s
 from layerdiff.models.text import PromptEmbeddings
 from layerdiff.modules.diffusion_objective import DiffusionObjective
 from layerdiff.optim import LearningRateSchedule, OptimizerName
+from layerdiff.pipelines.composition import CompositionBatch, compose
 from layerdiff.pipelines.joint_layers import GeneratedLayers, JointLayerGenerator, LayerPromptBatch
 
 
@@ -271,7 +272,9 @@ class JointLayerLoRAModule(DiffusionObjective):
             )
         return self._generator
 
-    def predict_step(self, batch: LayerPromptBatch, batch_idx: int) -> list[GeneratedLayers]:
+    def predict_step(self, batch: LayerPromptBatch | CompositionBatch, batch_idx: int) -> list[GeneratedLayers]:
+        if isinstance(batch, CompositionBatch):
+            return compose(self.layer_generator(), batch)
         return self.layer_generator()(batch)
 
 

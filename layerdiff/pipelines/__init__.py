@@ -1,8 +1,10 @@
 """Generation around the trained parts: text -> transparent images (``transparent``), with
 community LoRAs stacked on the UNet (``community_lora``); a prompt per layer -> layer sets
-(``joint_layers``); text -> green screen -> keyed cutout (``green_screen``, DiffuMatting)."""
+(``joint_layers``), conditionally around given layers, and N layers composed one by one
+(``composition``); text -> green screen -> matte and cutout (``green_screen``, DiffuMatting)."""
 
 from layerdiff.pipelines.community_lora import CommunityLora, IncompatibleLoraError, check_lora_fits
+from layerdiff.pipelines.composition import CompositionBatch
 from layerdiff.pipelines.joint_layers import GeneratedLayers, JointLayerGenerator, LayerPromptBatch
 from layerdiff.pipelines.transparent import (
     SCHEDULERS,
@@ -18,6 +20,7 @@ from layerdiff.pipelines.transparent import (
 __all__ = [
     "SCHEDULERS",
     "CommunityLora",
+    "CompositionBatch",
     "GeneratedImage",
     "GeneratedLayers",
     "GenerationSettings",

@@ -138,19 +138,33 @@ class JointLayerGenerator:
 
     def _given_latents(self, given: dict[str, str], settings: GenerationSettings) -> dict[str, tuple[torch.Tensor, ...]]:
         """Each given layer's pixels (``[3 or 4, H, W]``) and latent (``[1, 4, h, w]``)."""
-        prepared = {}
+        pixels = {}
         for name, path in given.items():
+            rgb, alpha = read_layer_image(path, settings.width, settings.height, name in self.transparent_layers)
+            pixels[name] = rgb if alpha is None else torch.cat([rgb, alpha])
+        return self._latents_of_pixels(pixels)
+
+    def _latents_of_pixels(self, pixels: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+        prepared, device, dtype = {}, self.vae.device, self.vae.dtype
+        for name, image in pixels.items():
             transparent = name in self.transparent_layers
-            rgb, alpha = read_layer_image(path, settings.width, settings.height, transparent)
-            device, dtype = self.vae.device, self.vae.dtype
-            latent = codec.layer_latent(self.vae, self.transparent_encoder, rgb[None].to(device, dtype),
-                                        None if alpha is None else alpha[None].to(device, dtype))
-            prepared[name] = (rgb if alpha is None else torch.cat([rgb, alpha]), latent)
+            if image.shape[0] != (4 if transparent else 3):
+                raise ValueError(f"given layer {name!r} has {image.shape[0]} channels; the model's {name} is "
+                                 f"{'transparent (RGBA)' if transparent else 'opaque (RGB)'}")
+            if transparent:  # colour padded under alpha 0, as in the shards (idempotent for a read file)
+                image = torch.from_numpy(prepare_foreground(image.permute(1, 2, 0).float().cpu().numpy())).permute(2, 0, 1)
+            image = torch.round(image.clamp(0.0, 1.0) * 255.0) / 255.0  # 8-bit, as layers are stored
+            rgb, alpha = image[None, :3].to(device, dtype), image[None, 3:].to(device, dtype) if transparent else None
+            prepared[name] = (image, codec.layer_latent(self.vae, self.transparent_encoder, rgb, alpha))
         return prepared
 
     @torch.no_grad()
-    def __call__(self, batch: LayerPromptBatch) -> list[GeneratedLayers]:
-        """One layer set per ``(prompts, seed)``; a layer without a prompt gets the empty one."""
+    def __call__(self, batch: LayerPromptBatch, given_pixels: dict[str, torch.Tensor] | None = None) -> list[GeneratedLayers]:
+        """One layer set per ``(prompts, seed)``; a layer without a prompt gets the empty one.
+        ``given_pixels`` gives layers as images in memory (``[3 or 4, H, W]`` in [0, 1], the
+        generation size), as ``batch.given`` does from files."""
+        given_pixels = dict(given_pixels or {})
+        batch = replace(batch, given={**batch.given, **{name: "<in memory>" for name in given_pixels}})
         self._check(batch)
         settings = batch.settings
         native = self.unet.config.sample_size * self.vae_scale_factor
@@ -172,7 +186,8 @@ class JointLayerGenerator:
         sizes = torch.tensor([[settings.height, settings.width]] * rows, device=device)
         added = self.conditioning.added_conditions(prompts, sizes, torch.zeros_like(sizes), (settings.height, settings.width))
 
-        given = self._given_latents(batch.given, settings)
+        given = self._given_latents({name: path for name, path in batch.given.items() if name not in given_pixels}, settings)
+        given.update(self._latents_of_pixels(given_pixels))
         given_rows = torch.tensor([name in given for name in self.layers] * samples, device=device)
         clean = torch.zeros((samples * count, *shape), device=device, dtype=dtype)
         for index, name in enumerate(self.layers):
