@@ -13,6 +13,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
+from layerdiff.formats.lora import LoraFactors, fuse_lora
 from layerdiff.formats.provenance import read_metadata
 from layerdiff.formats.unet_delta import (
     RELEASED_CONDITIONAL_FILES,
@@ -25,6 +26,7 @@ from layerdiff.formats.unet_delta import (
 from layerdiff.formats.unet_names import ldm_parameter_names
 from layerdiff.models.base import SD15_UNET_CONFIG, SDXL_UNET_CONFIG
 from layerdiff.models.conv_in import grow_conv_in
+from layerdiff.models.lora import RELEASED_LORA_TARGETS
 from layerdiff.models.tiny import make_unet
 
 Shapes = dict[str, tuple[int, ...]]
@@ -267,6 +269,27 @@ def test_half_strength_gives_the_midpoint_weights(base, trained, exported):
             torch.testing.assert_close(state[key], (base_state[key] + value) / 2)
         else:
             assert torch.equal(state[key], base_state[key]), key
+
+
+def test_a_fused_lora_run_writes_its_adapted_layers_and_conv_in(base, tmp_path):
+    trained = copy.deepcopy(base)
+    grow_conv_in(trained, 4)
+    generator = torch.Generator().manual_seed(7)
+    lora = {}
+    for name, module in trained.named_modules():
+        if name.endswith(RELEASED_LORA_TARGETS):
+            out_features, in_features = module.weight.shape
+            up, down = torch.randn(out_features, 2, generator=generator), torch.randn(2, in_features, generator=generator)
+            lora[name] = LoraFactors(up=up * 0.1, down=down)
+    fuse_lora(trained, lora)
+    path = save_unet_delta(trained.state_dict(), base.state_dict(), trained.config, tmp_path / "lora_run.safetensors")
+
+    keys = delta_keys(trained.config)
+    assert set(load_file(path)) == {keys[f"{name}.weight"] for name in lora} | {keys["conv_in.weight"]}
+    fresh = copy.deepcopy(base)
+    apply_unet_delta(fresh, path)
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=1e-6)
 
 
 def test_refuses_keys_and_shapes_the_unet_lacks(base, exported, tmp_path):

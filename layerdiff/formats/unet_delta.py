@@ -169,7 +169,8 @@ def apply_unet_delta(unet: UNet2DConditionModel, path: str | PathLike, strength:
 
     Strict: every key must name a weight of this UNet with the offset's shape, except that a
     ``conv_in`` offset may differ in input channels (narrower ones add to the first channels,
-    as the released loaders pad). Nothing is changed unless the whole file fits.
+    as the released loaders pad). Nothing is changed unless the whole file fits. Any
+    ``strength``, 0 included, grows ``conv_in``: its new channels start at zero.
     """
     path = Path(path)
     delta = read_unet_delta(path)
