@@ -7,6 +7,7 @@ other tools read (the formats themselves live in :mod:`layerdiff.formats`)::
     python -m layerdiff.export unet --checkpoint last.ckpt --out DIR [--dtype fp16] [--no-ema]
     python -m layerdiff.export layer-sharing --checkpoint last.ckpt --out DIR [--dtype fp16] [--no-ema]
     python -m layerdiff.export matting-head --checkpoint last.ckpt --out DIR [--dtype fp16] [--no-ema]
+    python -m layerdiff.export conditional --checkpoint last.ckpt --out DIR [--dtype fp16] [--no-ema]
     python -m layerdiff.export consolidate --checkpoint last.ckpt --out last-full.ckpt
 
 ``transparent-vae`` writes the encoder and decoder files of each released flavour
@@ -17,7 +18,9 @@ Forge/ComfyUI-layerdiffuse and ComfyUI (kohya) layouts (:mod:`layerdiff.formats.
 layer and, for SD1.5 frame mode with the released three layers, the released
 ``layer_sd15_joint.safetensors`` (:mod:`layerdiff.formats.layer_sharing`); ``matting-head`` a
 ``DiffuMattingModule``'s matting head (:mod:`layerdiff.formats.matting_head`; its UNet exports
-with ``lora`` or ``unet``).
+with ``lora`` or ``unet``); ``conditional`` a joint-layer checkpoint trained with
+``concat_conditions`` (LD Fig. 4) as the released SDXL ``::diff::`` file
+(:mod:`layerdiff.formats.unet_delta`: ``layer_xl_fg2ble.safetensors`` and its kin).
 ``consolidate`` turns a sharded checkpoint folder into one single-file Lightning checkpoint:
 what ``load_from_checkpoint`` reads and a DDP or single-device run resumes from. Checkpoints are
 ``.ckpt`` files or sharded folders; the run's EMA weights are exported when it kept an EMA.
@@ -34,11 +37,12 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from layerdiff.distributed import consolidate_checkpoint
-from layerdiff.formats.checkpoints import read_checkpoint
+from layerdiff.formats.checkpoints import find_hyperparameter, read_checkpoint
 from layerdiff.formats.layer_sharing import (
     LAYER_LORA_SUFFIX,
     LAYER_SHARING_FILENAME,
     RELEASED_JOINT_FILENAME,
+    layer_lora,
     read_joint_checkpoint,
     released_joint_problem,
     save_layer_loras,
@@ -57,13 +61,18 @@ from layerdiff.formats.lora import (
     DIFFUSERS_LORA_FILENAME,
     FORGE_LORA_FILENAMES,
     LoraFormat,
+    fuse_lora,
     save_comfyui_lora,
     save_diffusers_lora,
     save_forge_lora,
 )
 from layerdiff.formats.matting_head import MATTING_HEAD_FILENAME, matting_head_from_checkpoint, save_matting_head
 from layerdiff.formats.unet import read_unet_checkpoint, save_unet_folder, trained_unet
-from layerdiff.models.base import MODEL_CONFIG_FILE, detect_architecture, load_component
+from layerdiff.formats.unet_delta import RELEASED_CONDITIONAL_FILES, apply_unet_delta, is_unet_delta, save_unet_delta
+from layerdiff.models.base import MODEL_CONFIG_FILE, detect_architecture, load_component, load_unet
+from layerdiff.models.conv_in import LATENT_CHANNELS, grow_conv_in
+
+CONDITIONAL_FILENAME = "layerdiff_conditional.safetensors"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_FORMATS: dict[str, tuple[LoraFormat, ...]] = {
@@ -157,6 +166,42 @@ def export_layer_sharing_checkpoint(
     return paths
 
 
+def export_conditional_checkpoint(
+    checkpoint: str | PathLike,
+    out_dir: str | PathLike,
+    dtype: torch.dtype = torch.float32,
+    use_ema: bool = True,
+    base_model: str | None = None,
+) -> list[Path]:
+    """A channel-conditioned joint-layer checkpoint (one generated layer, ``concat_conditions``)
+    as a ``::diff::`` file against the base model's UNet: the UNet it started from (``base_unet``
+    and an ``init_from`` file included) with the layer's LoRA fused in and the trained ``conv_in``.
+    Named as the released file when its conditions and layer are a released variant's."""
+    joint = read_joint_checkpoint(checkpoint, use_ema, base_model)
+    hyperparameters = joint.hyperparameters
+    conditions = tuple(find_hyperparameter(hyperparameters, "concat_conditions") or ())
+    if not conditions or len(joint.layer_names) != 1 or find_hyperparameter(hyperparameters, "attention_sharing") == "frame":
+        raise ValueError(f"{checkpoint}: not a channel-conditioned model (one generated layer, concat_conditions set, "
+                         f"no frame attention: got layers {joint.layer_names}, concat_conditions {list(conditions)}); "
+                         "export joint models with `python -m layerdiff.export layer-sharing`")
+    read = read_unet_checkpoint(checkpoint, use_ema, base_model)
+    base_unet, init_from = (find_hyperparameter(hyperparameters, name) for name in ("base_unet", "init_from"))
+    reference = load_unet(read.base_model, revision=read.base_revision)
+    trained = load_unet(base_unet, subfolder=None) if base_unet else load_unet(read.base_model, revision=read.base_revision)
+    for unet in (reference, trained):
+        grow_conv_in(unet, LATENT_CHANNELS * len(conditions))
+    if init_from and is_unet_delta(init_from):
+        apply_unet_delta(trained, init_from)
+    fuse_lora(trained, layer_lora(joint.unet, 0))
+    trained.conv_in.load_state_dict({name: read.unet_state[f"conv_in.{name}"] for name in ("weight", "bias")})
+    matching = [variant for variant in RELEASED_CONDITIONAL_FILES.values()
+                if variant.conditions == conditions and variant.generates == joint.layer_names[0]]
+    filename = matching[0].filename if matching and detect_architecture(read.base_model) == "sdxl" else CONDITIONAL_FILENAME
+    path = save_unet_delta(trained.state_dict(), reference.state_dict(), trained.config, Path(out_dir) / filename,
+                           hyperparameters, dtype)
+    return [path]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m layerdiff.export", description="Export trained layerdiff weights into released formats."
@@ -193,6 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"diffusers LoRA per layer (<layer>{LAYER_LORA_SUFFIX}) and, for SD1.5 frame mode with the layers "
         f"foreground/background/blend, the released {RELEASED_JOINT_FILENAME}",
     )
+    conditional = commands.add_parser(
+        "conditional",
+        help="write a joint-layer checkpoint trained with concat_conditions (one generated layer) as a ::diff:: "
+        f"file: the released name ({', '.join(v.filename for v in RELEASED_CONDITIONAL_FILES.values())}) where it "
+        f"is one of those SDXL variants, else {CONDITIONAL_FILENAME}",
+    )
     matting_head = commands.add_parser(
         "matting-head",
         help=f"write a DiffuMattingModule checkpoint's matting head as {MATTING_HEAD_FILENAME} (its shape and key colour "
@@ -205,14 +256,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     consolidate.add_argument("--checkpoint", required=True, type=Path, help="sharded checkpoint folder")
     consolidate.add_argument("--out", required=True, type=Path, help="the .ckpt file to write")
-    for command in (transparent, lora, unet, layer_sharing, matting_head):
+    for command in (transparent, lora, unet, layer_sharing, matting_head, conditional):
         command.add_argument("--checkpoint", required=True, type=Path, help="Lightning .ckpt file or sharded folder")
         command.add_argument("--out", required=True, type=Path, help="output folder")
         command.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="tensor dtype in the files")
         command.add_argument(
             "--no-ema", dest="use_ema", action="store_false", help="export the raw weights even if the run kept an EMA"
         )
-    for command in (lora, unet, layer_sharing):
+    for command in (lora, unet, layer_sharing, conditional):
         command.add_argument(
             "--base-model",
             help="base model (hub id or folder) to read the UNet from, instead of the checkpoint's base_model "
@@ -234,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = export_layer_sharing_checkpoint(
             args.checkpoint, args.out, DTYPES[args.dtype], use_ema=args.use_ema, base_model=args.base_model
         )
+    elif args.command == "conditional":
+        paths = export_conditional_checkpoint(args.checkpoint, args.out, DTYPES[args.dtype], args.use_ema, args.base_model)
     elif args.command == "matting-head":
         head, hyperparameters = matting_head_from_checkpoint(args.checkpoint, args.use_ema)
         paths = [save_matting_head(head, args.out, hyperparameters, DTYPES[args.dtype])]

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from layerdiff.formats.provenance import provenance, tensors_for_file
@@ -142,6 +143,15 @@ def save_unet_delta(
 
 
 # -- reading ---------------------------------------------------------------------------------
+
+
+def is_unet_delta(path: str | PathLike) -> bool:
+    """Whether ``path`` is a ``::diff::`` file (a released conditional model or our export)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as handle:
+        return any(_DIFF_KEY.match(key) for key in handle.keys())
 
 
 def read_unet_delta(path: str | PathLike) -> dict[str, torch.Tensor]:

@@ -61,6 +61,15 @@ def layer_latent(
     return diffusion_latent(vae, encode_adjusted(vae, transparent_encoder, rgb, alpha)[1])
 
 
+def condition_latent(vae: AutoencoderKL, rgb: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
+    """A condition layer's latent for the channels LD Fig. 4's models concatenate to the noisy
+    latent, on the UNet's scale: the layer composited on grey (``0.5 + (rgb - 0.5) a``; an opaque
+    layer as it is), VAE-encoded, as the released SDXL conditional models read them (they draw a
+    posterior sample; the mean here, so training and sampling see one deterministic latent)."""
+    image = rgb * 2.0 - 1.0 if alpha is None else premultiply_on_grey(rgb, alpha)
+    return diffusion_latent(vae, vae.encode(image).latent_dist.mean)
+
+
 def decode_pixels(vae: AutoencoderKL, latent: torch.Tensor) -> torch.Tensor:
     """``D*``: the frozen VAE's decode in [0, 1], not clipped (so gradients pass)."""
     return vae.decode(latent).sample * 0.5 + 0.5

@@ -14,8 +14,10 @@ import torch
 from layerdiff import diffusion
 from layerdiff.batches import Layer, LayeredBatch
 from layerdiff.formats.layer_sharing import load_layer_sharing
+from layerdiff.formats.unet_delta import apply_unet_delta, is_unet_delta
 from layerdiff.models import codec
 from layerdiff.models.base import load_unet
+from layerdiff.models.conv_in import LATENT_CHANNELS, grow_conv_in
 from layerdiff.models.layer_sharing import PROJECTIONS, SharingMode, add_layer_sharing
 from layerdiff.models.text import PromptEmbeddings
 from layerdiff.modules.diffusion_objective import DiffusionObjective
@@ -78,6 +80,10 @@ class JointLayerLoRAModule(DiffusionObjective):
         modes: the joint and conditional modes trained, each with its share of the samples
             (:class:`LayerMode`); default: joint only. Validation measures every mode on every
             held-out sample (``val/<mode>/loss_<layer>``).
+        concat_conditions: layers of the batch that condition the generated ones through extra
+            UNet input channels (LD Fig. 4; ``conv_in`` grows by 4 zero-initialised channels per
+            layer and trains): e.g. ``layers: [blend]`` with ``[foreground]`` is the released
+            SDXL fg2ble model, ``layers: [foreground]`` with ``[background, blend]`` bgble2fg.
         init_from: a layer-sharing file to start the units from: the released
             ``layer_sd15_joint.safetensors`` or ``python -m layerdiff.export layer-sharing``'s
             ``layerdiff_layer_sharing.safetensors`` (or its folder); it must fit the units (mode,
@@ -111,6 +117,7 @@ class JointLayerLoRAModule(DiffusionObjective):
         lora_alpha: float | None = None,
         lora_projections: tuple[str, ...] = PROJECTIONS,
         modes: list[LayerMode] | None = None,
+        concat_conditions: tuple[str, ...] = (),
         init_from: str | None = None,
         prediction_type: Literal["epsilon", "v_prediction"] | None = None,
         min_snr_gamma: float | None = None,
@@ -138,14 +145,24 @@ class JointLayerLoRAModule(DiffusionObjective):
             raise ValueError(f"caption_dropout is a probability in [0, 1]; got {caption_dropout}")
         self.save_hyperparameters()
         self.layers, self.transparent_layers = layers, transparent_layers
+        self.concat_conditions = tuple(concat_conditions)
+        if set(self.concat_conditions) & set(layers) or len(set(self.concat_conditions)) != len(self.concat_conditions):
+            raise ValueError(f"concat_conditions {list(self.concat_conditions)} must be distinct layers of the batch that "
+                             f"are not generated (layers {list(layers)})")
         self.modes = _checked_modes(modes or JOINT_ONLY, layers)
         self.given_masks = torch.tensor([[name in mode["given"] for name in layers] for mode in self.modes])  # [M, L]
 
         self.load_base(transparent_vae, base_model, base_revision, prediction_type)
         unet_source = {"pretrained": base_unet, "subfolder": None} if base_unet else {"pretrained": base_model}
         self.unet = load_unet(**unet_source, revision=None if base_unet else base_revision).train()
+        if self.concat_conditions:
+            grow_conv_in(self.unet, LATENT_CHANNELS * len(self.concat_conditions))
+        if init_from is not None and is_unet_delta(init_from):  # a released ::diff:: file: part of the start
+            apply_unet_delta(self.unet, init_from)
         add_layer_sharing(self.unet, len(layers), attention_sharing, lora_rank, lora_alpha, lora_projections)
-        if init_from is not None:
+        if self.concat_conditions:
+            self.unet.conv_in.requires_grad_(True)  # the new channels learn; the base weights under them too
+        if init_from is not None and not is_unet_delta(init_from):
             load_layer_sharing(self.unet, init_from, layers)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -160,7 +177,7 @@ class JointLayerLoRAModule(DiffusionObjective):
                 "`data.init_args.require_layers: true` and use shards with bg.png/blend.png (python -m data write --help)"
             )
         found = [layer.name for layer in batch.layers]
-        missing = [name for name in self.layers if name not in found]
+        missing = [name for name in self.layers + self.concat_conditions if name not in found]
         if missing:
             raise LayerMismatchError(f"the batch (keys {batch.key[:3]}...) has layers {found}, not {missing}; "
                                      f"the model was built for layers {list(self.layers)}")
@@ -182,6 +199,14 @@ class JointLayerLoRAModule(DiffusionObjective):
         generation prepares a given layer)."""
         return torch.stack([codec.layer_latent(self.vae, self.transparent_encoder, layer.rgb, layer.alpha)
                             for layer in layers], dim=1)
+
+    @torch.no_grad()
+    def condition_latents(self, batch: LayeredBatch) -> torch.Tensor | None:
+        """The ``concat_conditions`` layers' latents as extra input channels, ``[B, 4 C, h, w]``."""
+        if not self.concat_conditions:
+            return None
+        return torch.cat([codec.condition_latent(self.vae, batch.layer(name).rgb, batch.layer(name).alpha)
+                          for name in self.concat_conditions], dim=1)
 
     def layer_prompts(self, layers: list[Layer], drop: torch.Tensor) -> PromptEmbeddings:
         """Each layer's caption embeddings (dropped to the empty caption where ``drop[l, b]``),
@@ -227,11 +252,14 @@ class JointLayerLoRAModule(DiffusionObjective):
             runs = {"train": self.given_masks[drawn]}
         else:
             runs = {mode_name(self.modes[m]["given"]): self.given_masks[m].expand(samples, count) for m in modes}
+        conditions = self.condition_latents(batch)
         results = {}
         for name, given in runs.items():
             model_input, layer_timesteps = diffusion.given_layers(latents, noisy, timesteps, given)
-            rows = layer_timesteps.flatten()
-            prediction = self.unet(model_input.flatten(0, 1), rows, encoder_hidden_states=prompts.hidden,
+            rows, model_input = layer_timesteps.flatten(), model_input.flatten(0, 1)
+            if conditions is not None:  # the same conditions beside every layer of a sample
+                model_input = torch.cat([model_input, conditions.repeat_interleave(count, dim=0)], dim=1)
+            prediction = self.unet(model_input, rows, encoder_hidden_states=prompts.hidden,
                                    added_cond_kwargs=added).sample
             target = diffusion.target(self.prediction_type, alphas_cumprod, latents.flatten(0, 1), noise.flatten(0, 1), rows)
             total, per_layer = diffusion.layer_losses(prediction.unflatten(0, (samples, count)),
@@ -268,7 +296,7 @@ class JointLayerLoRAModule(DiffusionObjective):
             self._generator = JointLayerGenerator(
                 self.unet, self.vae, self.text_encoders, self.transparent_decoder, self.layers, self.transparent_layers,
                 self.hparams.base_model, self.hparams.base_revision, self.hparams.decode_augmentation,
-                self.transparent_encoder, [mode["given"] for mode in self.modes],
+                self.transparent_encoder, [mode["given"] for mode in self.modes], self.concat_conditions,
             )
         return self._generator
 

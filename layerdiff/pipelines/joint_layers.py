@@ -29,6 +29,7 @@ from torch import nn
 from layerdiff import diffusion
 from layerdiff.models import codec
 from layerdiff.models.base import TextEncoders, detect_architecture
+from layerdiff.models.conv_in import LATENT_CHANNELS
 from layerdiff.models.text import PromptConditioning, PromptEmbeddings
 from layerdiff.pipelines.transparent import GenerationSettings, load_scheduler_config, make_scheduler
 from layerdiff.rgba import load_rgba, prepare_foreground, resize_and_crop
@@ -63,10 +64,14 @@ class GeneratedLayers:
     parameters: dict[str, Any]
 
 
-def read_layer_image(path: str, width: int, height: int, transparent: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def read_layer_image(path: str, width: int, height: int,
+                     transparent: bool | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A layer given as an image file, as the training shards hold such a layer: scaled to cover
     ``width x height`` and centre-cropped, 8-bit, a transparent layer with its colour padded under
-    alpha 0. ``([3, H, W], [1, H, W] or None)`` in [0, 1]."""
+    alpha 0 (``transparent`` None: as the file is). ``([3, H, W], [1, H, W] or None)`` in [0, 1]."""
+    if transparent is None:
+        with Image.open(path) as image:
+            transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
     if transparent:
         rgba = load_rgba(path)  # names the file when it has no alpha
         rgba = prepare_foreground(resize_and_crop(rgba, width, height)[0])
@@ -106,10 +111,12 @@ class JointLayerGenerator:
         decode_augmentation: bool = False,
         transparent_encoder: nn.Module | None = None,
         given_sets: Sequence[Sequence[str]] = ((),),
+        concat_conditions: Sequence[str] = (),
     ) -> None:
         self.unet, self.vae, self.transparent_decoder = unet, vae, transparent_decoder
         self.transparent_encoder = transparent_encoder
         self.given_sets = {tuple(sorted(given)) for given in given_sets}  # the conditions the model was trained for
+        self.concat_conditions = tuple(concat_conditions)  # given as images, fed as extra input channels
         self.conditioning = PromptConditioning(text_encoders)
         self.layers, self.transparent_layers = tuple(layers), tuple(transparent_layers)
         self.architecture = detect_architecture(base_model, revision=base_revision)
@@ -131,22 +138,33 @@ class JointLayerGenerator:
         unknown = sorted(set(batch.guidance) - set(self.layers))
         if unknown:
             raise ValueError(f"guidance for layers {unknown}, but this model generates layers {list(self.layers)}")
-        if tuple(sorted(batch.given)) not in self.given_sets:
+        missing = [name for name in self.concat_conditions if name not in batch.given]
+        if missing:
+            raise ValueError(f"this model generates {list(self.layers)} conditioned on {list(self.concat_conditions)}: give "
+                             f"{missing} as images (data.init_args.given_layers: {{{missing[0]}: path}})")
+        if tuple(sorted(set(batch.given) - set(self.concat_conditions))) not in self.given_sets:
             trained = [sorted(given) or "none (joint)" for given in sorted(self.given_sets)]
-            raise ValueError(f"layers {sorted(batch.given)} given as images, but this model was trained with given layers "
+            raise ValueError(f"layers {sorted(set(batch.given) - set(self.concat_conditions))} given as images, but this "
+                             "model was trained with given layers "
                              f"{trained} (its modes): give one of those sets, or train the mode (model.init_args.modes)")
 
     def _given_latents(self, given: dict[str, str], settings: GenerationSettings) -> dict[str, tuple[torch.Tensor, ...]]:
         """Each given layer's pixels (``[3 or 4, H, W]``) and latent (``[1, 4, h, w]``)."""
         pixels = {}
         for name, path in given.items():
-            rgb, alpha = read_layer_image(path, settings.width, settings.height, name in self.transparent_layers)
+            transparent = None if name in self.concat_conditions else name in self.transparent_layers
+            rgb, alpha = read_layer_image(path, settings.width, settings.height, transparent)
             pixels[name] = rgb if alpha is None else torch.cat([rgb, alpha])
         return self._latents_of_pixels(pixels)
 
     def _latents_of_pixels(self, pixels: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Each given layer's 8-bit pixels and its latent (``None`` for a concat condition, whose
+        latent is ``_condition_channels``')."""
         prepared, device, dtype = {}, self.vae.device, self.vae.dtype
         for name, image in pixels.items():
+            if name in self.concat_conditions:
+                prepared[name] = (torch.round(image.clamp(0.0, 1.0) * 255.0) / 255.0, None)
+                continue
             transparent = name in self.transparent_layers
             if image.shape[0] != (4 if transparent else 3):
                 raise ValueError(f"given layer {name!r} has {image.shape[0]} channels; the model's {name} is "
@@ -170,7 +188,7 @@ class JointLayerGenerator:
         native = self.unet.config.sample_size * self.vae_scale_factor
         settings = replace(settings, width=settings.width or native, height=settings.height or native)
         count, samples, device, dtype = len(self.layers), len(batch), self.unet.device, self.unet.dtype
-        shape = (self.unet.config.in_channels, settings.height // self.vae_scale_factor, settings.width // self.vae_scale_factor)
+        shape = (LATENT_CHANNELS, settings.height // self.vae_scale_factor, settings.width // self.vae_scale_factor)
 
         texts = [prompts.get(name, "") for prompts in batch.prompts for name in self.layers]  # (b l)
         conditional = self._prompts(texts)
@@ -188,7 +206,8 @@ class JointLayerGenerator:
 
         given = self._given_latents({name: path for name, path in batch.given.items() if name not in given_pixels}, settings)
         given.update(self._latents_of_pixels(given_pixels))
-        given_rows = torch.tensor([name in given for name in self.layers] * samples, device=device)
+        conditions = self._condition_channels(given, rows)
+        given_rows = torch.tensor([name in given for name in self.layers] * samples, device=device)  # of the generated
         clean = torch.zeros((samples * count, *shape), device=device, dtype=dtype)
         for index, name in enumerate(self.layers):
             if name in given:
@@ -208,6 +227,8 @@ class JointLayerGenerator:
             model_input = torch.cat([latents, latents]) if guided else latents
             model_input = scheduler.scale_model_input(model_input, timestep)
             model_input, row_timesteps = self._with_given(model_input, timestep, clean, mask, guided)
+            if conditions is not None:
+                model_input = torch.cat([model_input, conditions], dim=1)
             prediction = self.unet(model_input, row_timesteps, encoder_hidden_states=prompts.hidden,
                                    added_cond_kwargs=added).sample
             if guided:
@@ -216,6 +237,16 @@ class JointLayerGenerator:
             latents = scheduler.step(prediction, timestep, latents, generator=step_generators).prev_sample
             latents = torch.where(given_rows[:, None, None, None], clean, latents)  # a given layer never moves
         return self._decode(latents.unflatten(0, (samples, count)), batch, settings, given)
+
+    def _condition_channels(self, given: dict[str, tuple[torch.Tensor, ...]], rows: int) -> torch.Tensor | None:
+        """The concat conditions' latents (``codec.condition_latent``, as training's), for every UNet row alike."""
+        if not self.concat_conditions:
+            return None
+        latents = []
+        for name in self.concat_conditions:
+            image = given[name][0].to(self.vae.device, self.vae.dtype)[None]
+            latents.append(codec.condition_latent(self.vae, image[:, :3], image[:, 3:] if image.shape[1] == 4 else None))
+        return torch.cat(latents, dim=1).expand(rows, -1, -1, -1).to(self.unet.dtype)
 
     @staticmethod
     def _with_given(model_input: torch.Tensor, timestep: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor,
@@ -240,6 +271,8 @@ class JointLayerGenerator:
                 decoded[name] = torch.cat([rgb, alpha], dim=1).float().cpu()
             else:
                 decoded[name] = codec.decode_opaque(self.vae, layer_latents).float().cpu()
+        for name in self.concat_conditions:  # the conditions belong to the set (the layered file shows them)
+            decoded[name] = given[name][0].float().cpu()[None].expand(len(latents), -1, -1, -1)
         shared = {**asdict(settings), "guidance": dict(batch.guidance), "base_model": self.base_model,
                   "base_revision": self.base_revision, "layers": list(self.layers), "given": dict(batch.given),
                   "decode_augmentation": self.decode_augmentation}
