@@ -32,6 +32,7 @@ from diffusers import UNet2DConditionModel
 from layerdiff.formats.layer_sharing import (
     RELEASED_JOINT_FILENAME,
     RELEASED_PREFIX,
+    FileKey,
     export_units,
     import_units,
     installed_units,
@@ -95,7 +96,8 @@ def released_conditional_problem(
     return None
 
 
-def _unit_key(unet: UNet2DConditionModel, encoder: ControlEncoder, task: str, layer_names: Sequence[str] | None):
+def _unit_key(unet: UNet2DConditionModel, encoder: ControlEncoder, task: str, layer_names: Sequence[str] | None) -> FileKey:
+    """The released key of each unit parameter, frames in the task's order; an error if they do not fit."""
     if problem := released_conditional_problem(unet, encoder, task, layer_names):
         raise ValueError(problem)
     frames = _task(task).frames
