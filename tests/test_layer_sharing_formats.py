@@ -29,6 +29,7 @@ from layerdiff.models.base import SD15_UNET_CONFIG
 from layerdiff.models.layer_sharing import add_layer_sharing, sharing_units
 from layerdiff.models.tiny import make_unet
 from support.contracts import assert_identical
+from support.unets import make_sd15_unet
 
 RANK, ALPHA = 4, 8  # scale 2: the files must fold it into the up factors
 LAYERS = ("foreground", "background", "blend")
@@ -41,12 +42,6 @@ SD15_WIDTHS = {"input_blocks.1.1": 320, "input_blocks.2.1": 320, "input_blocks.4
                "input_blocks.7.1": 1280, "input_blocks.8.1": 1280, "middle_block.1": 1280,
                **{f"output_blocks.{b}.1": 1280 for b in (3, 4, 5)}, **{f"output_blocks.{b}.1": 640 for b in (6, 7, 8)},
                **{f"output_blocks.{b}.1": 320 for b in (9, 10, 11)}}
-
-
-def make_sd15_unet() -> UNet2DConditionModel:
-    """SD1.5's block layout (so its 32 attention modules) at tiny widths."""
-    return UNet2DConditionModel(**{**SD15_UNET_CONFIG, "sample_size": 8, "block_out_channels": (8, 8, 16, 16),
-                                   "norm_num_groups": 4, "attention_head_dim": 2, "cross_attention_dim": 16})
 
 
 def ldm_block(module: str) -> str:

@@ -51,13 +51,7 @@ from layerdiff.formats.provenance import provenance, read_metadata, tensors_for_
 from layerdiff.formats.unet import read_unet_checkpoint
 from layerdiff.formats.unet_names import ldm_attention_prefixes
 from layerdiff.models.base import MODEL_CONFIG_FILE, SD15_UNET_CONFIG, load_component, unet_architecture
-from layerdiff.models.layer_sharing import (
-    PROJECTIONS,
-    LayerSharingUnit,
-    LowRankDelta,
-    add_layer_sharing,
-    sharing_units,
-)
+from layerdiff.models.layer_sharing import PROJECTIONS, LayerSharingUnit, LowRankDelta, add_layer_sharing, sharing_units
 
 RELEASED_JOINT_FILENAME = "layer_sd15_joint.safetensors"
 RELEASED_JOINT_FRAMES = ("foreground", "background", "blend")
@@ -74,7 +68,7 @@ LAYER_LORA_SUFFIX = ".lora.safetensors"
 COMPONENT = "unet_layer_sharing"
 # The linear layer each projection's LoRA adapts, as diffusers names it inside the attention module.
 ADAPTED_LINEARS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
-_FRAME_PARAM = re.compile(r"(?P<projection>to_\w+_lora)\.(?P<layer>\d+)\.(?P<rest>.+)")
+_FRAME_PARAM = re.compile(r"(?P<part>to_\w+_lora|control_convs)\.(?P<layer>\d+)\.(?P<rest>.+)")  # one per layer
 
 FileKey = Callable[[str, str], str]  # (attention module, unit parameter) -> key in a file
 
@@ -120,23 +114,18 @@ def _slots(unet: UNet2DConditionModel, file_key: FileKey) -> dict[str, tuple[flo
             for param, tensor in unit.state_dict(keep_vars=True).items()}
 
 
-def _export(unet: UNet2DConditionModel, file_key: FileKey) -> dict[str, torch.Tensor]:
+def export_units(unet: UNet2DConditionModel, file_key: FileKey) -> dict[str, torch.Tensor]:
     """The units' parameters under ``file_key``, the LoRA scale folded into the up factors."""
     return {key: (tensor * scale if _is_up(param) else tensor).detach()
             for key, (scale, param, tensor) in _slots(unet, file_key).items()}
 
 
-def _import(
-    unet: UNet2DConditionModel,
-    file_key: FileKey,
-    tensors: Mapping[str, torch.Tensor],
-    source: str,
-    hint: str,
-    folded: bool = True,
-) -> None:
-    """Set every unit parameter from ``tensors`` (its up factors scaled when ``folded``); any
-    missing or unexpected key or other shape is an error naming ``source``, nothing is set."""
-    slots = _slots(unet, file_key)
+def import_units(unet: UNet2DConditionModel, file_key: FileKey, tensors: Mapping[str, torch.Tensor], source: str,
+                 hint: str, folded: bool = True, others: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Set every unit parameter, and the ``others`` (parameters by file key, e.g. an encoder's), from
+    ``tensors`` (unit up factors scaled when ``folded``); any missing or unexpected key or other
+    shape is an error naming ``source``, nothing is set."""
+    slots = {**_slots(unet, file_key), **{key: (1.0, key, tensor) for key, tensor in (others or {}).items()}}
     missing, unexpected = sorted(set(slots) - set(tensors)), sorted(set(tensors) - set(slots))
     reshaped = [f"{key} {tuple(tensors[key].shape)} (units: {tuple(slot[2].shape)})" for key, slot in slots.items()
                 if key in tensors and tensors[key].shape != slot[2].shape]
@@ -150,7 +139,7 @@ def _import(
             tensor.copy_(tensors[key].float() / scale if folded and _is_up(param) else tensors[key])
 
 
-def _write(path: str | PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], dtype) -> Path:
+def write_layer_file(path: str | PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], dtype) -> Path:
     """A safetensors file written whole or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +147,7 @@ def _write(path: str | PathLike, tensors: Mapping[str, torch.Tensor], metadata: 
     return path
 
 
-def _read(path: str | PathLike) -> dict[str, torch.Tensor]:
+def read_layer_file(path: str | PathLike) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"layer-sharing file not found: {path}")
     return load_file(path)
@@ -174,11 +163,10 @@ def released_sd15_modules() -> list[str]:
             for attn in ("attn1", "attn2")]
 
 
-def released_joint_problem(unet: UNet2DConditionModel, layer_names: Sequence[str] | None = None) -> str | None:
-    """Why the units cannot be in the released layout, or None if they can. ``layer_names``,
-    if given, must be the released frames in some order."""
+def released_units_problem(unet: UNet2DConditionModel, instead: str) -> str | None:
+    """Why the units cannot be in a released SD1.5 attention-sharing layout (frame mode, SD1.5's
+    attention modules, all four projections adapted), or None if they can; ``instead``: what then."""
     settings, units = unit_settings(unet), installed_units(unet)
-    instead = "use save_layer_sharing (layerdiff's layer-sharing layout) instead"
     if settings.mode != "frame":
         return f"the released layout holds frame-mode units; these are in {settings.mode!r} mode: {instead}"
     released = released_sd15_modules()
@@ -189,38 +177,52 @@ def released_joint_problem(unet: UNet2DConditionModel, layer_names: Sequence[str
     adapted = [name for name in PROJECTIONS if hasattr(next(iter(units.values())), f"{name}_lora")]
     if adapted != list(PROJECTIONS):
         return f"the released units adapt all of {PROJECTIONS}; these adapt only {adapted}: {instead}"
-    if layer_names is not None and sorted(layer_names) != sorted(RELEASED_JOINT_FRAMES):
-        return (f"the released frames are {RELEASED_JOINT_FRAMES}; the layers are {list(layer_names)}: rename them, "
-                f"or {instead}")
     return None
 
 
-def _released_key(unet: UNet2DConditionModel, layer_names: Sequence[str] | None) -> FileKey:
-    problem = released_joint_problem(unet, layer_names)
-    if problem:
-        raise ValueError(problem)
+def released_joint_problem(unet: UNet2DConditionModel, layer_names: Sequence[str] | None = None) -> str | None:
+    """Why the units cannot be in the released joint layout, or None if they can. ``layer_names``,
+    if given, must be the released frames in some order."""
+    instead = "use save_layer_sharing (layerdiff's layer-sharing layout) instead"
+    problem = released_units_problem(unet, instead)
+    if problem is None and next(iter(installed_units(unet).values())).control_convs is not None:
+        problem = ("the released joint layout has no control inputs and these units have them: "
+                   "layerdiff.formats.layer_conditional writes the released conditional layout")
+    if problem is None and layer_names is not None and sorted(layer_names) != sorted(RELEASED_JOINT_FRAMES):
+        problem = f"the released frames are {RELEASED_JOINT_FRAMES}, the layers {list(layer_names)}: rename them, or {instead}"
+    return problem
+
+
+def released_unit_key(frames: Sequence[int]) -> FileKey:
+    """The released key of a unit parameter: ``hookers.layers.{index of the module in the released
+    order}.{param}``, the per-layer parts of layer ``l`` under frame ``frames[l]``."""
     index = {module: i for i, module in enumerate(released_sd15_modules())}
-    frame = list(range(unit_settings(unet).layers)) if layer_names is None else [
-        RELEASED_JOINT_FRAMES.index(name) for name in layer_names]
 
     def file_key(module: str, param: str) -> str:
         match = _FRAME_PARAM.fullmatch(param)
         if match:
-            param = f"{match['projection']}.{frame[int(match['layer'])]}.{match['rest']}"
+            param = f"{match['part']}.{frames[int(match['layer'])]}.{match['rest']}"
         return f"{RELEASED_PREFIX}{index[module]}.{param}"
 
     return file_key
 
 
+def _released_key(unet: UNet2DConditionModel, layer_names: Sequence[str] | None) -> FileKey:
+    if problem := released_joint_problem(unet, layer_names):
+        raise ValueError(problem)
+    return released_unit_key(list(range(unit_settings(unet).layers)) if layer_names is None else [
+        RELEASED_JOINT_FRAMES.index(name) for name in layer_names])
+
+
 def released_joint_state(unet: UNet2DConditionModel, layer_names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """The units in the released ``layer_sd15_joint`` layout (frames = the units' layers, in
     their order, or reordered to foreground, background, blend when ``layer_names`` is given)."""
-    return _export(unet, _released_key(unet, layer_names))
+    return export_units(unet, _released_key(unet, layer_names))
 
 
 def save_released_joint(path: str | PathLike, unet: UNet2DConditionModel, layer_names: Sequence[str] | None = None,
                         metadata: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> Path:
-    return _write(path, released_joint_state(unet, layer_names), provenance(COMPONENT, metadata), dtype)
+    return write_layer_file(path, released_joint_state(unet, layer_names), provenance(COMPONENT, metadata), dtype)
 
 
 def load_released_joint(
@@ -232,7 +234,7 @@ def load_released_joint(
     ``layer_sd15_joint.safetensors``; its frames must be the units' layers."""
     is_state = isinstance(path_or_state, Mapping)
     source = "the given released-layout state dict" if is_state else str(path_or_state)
-    tensors = dict(path_or_state) if is_state else _read(path_or_state)
+    tensors = dict(path_or_state) if is_state else read_layer_file(path_or_state)
     file_key, settings = _released_key(unet, layer_names), unit_settings(unet)
     first = f"{RELEASED_PREFIX}0.to_q_lora."
     frames = {key[len(first):].split(".")[0] for key in tensors if key.startswith(first)}
@@ -243,7 +245,7 @@ def load_released_joint(
     if down is not None and down.shape[0] != settings.rank:
         raise ValueError(f"{source} holds rank-{down.shape[0]} LoRAs; the units are rank {settings.rank}. "
                          f"Install the units with rank={down.shape[0]} (the released file is rank 256).")
-    _import(unet, file_key, tensors, source, "Is it a released SD1.5 attention-sharing file without control?")
+    import_units(unet, file_key, tensors, source, "Is it a released SD1.5 attention-sharing file without control?")
 
 
 # -- layerdiff's layer-sharing layout ----------------------------------------------------------------
@@ -280,7 +282,7 @@ def save_layer_sharing(
         "architecture": unet_architecture(unet.config),
     }
     file_metadata = {**provenance(COMPONENT, metadata), METADATA_KEY: json.dumps(layout)}
-    return _write(path, _export(unet, _own_key), file_metadata, dtype)
+    return write_layer_file(path, export_units(unet, _own_key), file_metadata, dtype)
 
 
 def load_layer_sharing(
@@ -290,7 +292,7 @@ def load_layer_sharing(
     must match them (mode, layer count and, if given, ``layer_names``, rank, base architecture),
     and return its layout; a file without our metadata is read as the released layout."""
     path = Path(path) / LAYER_SHARING_FILENAME if Path(path).is_dir() else path
-    tensors = _read(path)
+    tensors = read_layer_file(path)
     encoded = read_metadata(path).get(METADATA_KEY)
     if encoded is None:
         return load_released_joint(unet, tensors, layer_names)
@@ -306,7 +308,7 @@ def load_layer_sharing(
                               differing.items())
         raise ValueError(f"{path} was written for other layer-sharing units ({described}); install the units as "
                          "the file says (add_layer_sharing) or export again")
-    _import(unet, _own_key, tensors, str(path), "Was it written for another base model?")
+    import_units(unet, _own_key, tensors, str(path), "Was it written for another base model?")
     return layout
 
 
@@ -393,6 +395,6 @@ def read_joint_checkpoint(
         unit.to_empty(device="cpu")
     hint = (f"Do the hyper-parameters (layers {layer_names}, lora_rank {found['lora_rank']}) and the base model "
             f"{read.base_model} match the weights? Pass --base-model if it was another.")
-    _import(unet, lambda module, param: f"{module}{marker}{param}", weights, str(checkpoint), hint, folded=False)
+    import_units(unet, lambda module, param: f"{module}{marker}{param}", weights, str(checkpoint), hint, folded=False)
     return JointCheckpoint(unet, layer_names, read.hyperparameters)
 

@@ -17,10 +17,17 @@ parameters. Three sharing modes:
   attention across the layers at each token (LayerNorm, projection in, attention over the layer
   axis, projection out, added residually; no positional embedding), in every attention module.
 
+A unit may also read a condition image (the released conditional SD1.5 models, ``use_control``):
+with ``control_channels``, each layer gets a projection of the condition's feature map at the
+unit's token count (:mod:`layerdiff.models.control_encoder`), added to that layer's rows of the
+unit's input before attention and kept in its output, as the released units do. The features of
+a forward come in ``cross_attention_kwargs={"control": ControlEncoder()(image)}``.
+
 Per-layer LoRAs are here rather than as peft adapters because peft selects one adapter per
 forward, not one per batch row while training. Parameter names follow the released
-attention-sharing units (``to_q_lora.{layer}.down``, ``temporal_q``, ...), so the released
-layout is a renaming (``layerdiff.formats.layer_sharing``).
+attention-sharing units (``to_q_lora.{layer}.down``, ``temporal_q``, ``control_convs.{layer}``,
+...), so the released layouts are renamings (``layerdiff.formats.layer_sharing``,
+``layerdiff.formats.layer_conditional``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
+
+from layerdiff.models.control_encoder import ControlFeatures, control_projection, frame_controls
 
 SharingMode = Literal["none", "concat", "frame"]
 SHARING_MODES: tuple[str, ...] = ("none", "concat", "frame")
@@ -72,7 +81,9 @@ class LayerSharingUnit(nn.Module):
     Called by diffusers' ``Attention`` as ``processor(attn, hidden_states, encoder_hidden_states)``;
     ``hidden_states`` is ``[B * L, N, C]``, layers inner. ``lora_projections`` are the projections
     adapted (of ``PROJECTIONS``); the frame-attention parts exist only in ``frame`` mode, with the
-    output projection zero-initialised so a new unit changes nothing.
+    output projection zero-initialised so a new unit changes nothing. With ``control_channels``
+    (the control encoder's width) it has ``control_convs``, one per layer, also zero at the end,
+    and needs the condition's features in every forward (``control``).
     """
 
     def __init__(
@@ -83,6 +94,7 @@ class LayerSharingUnit(nn.Module):
         rank: int,
         alpha: float | None = None,
         lora_projections: Sequence[str] = PROJECTIONS,
+        control_channels: int | None = None,
     ) -> None:
         super().__init__()
         if mode not in SHARING_MODES:
@@ -108,6 +120,9 @@ class LayerSharingUnit(nn.Module):
             )
             nn.init.zeros_(self.temporal_o.weight)
             nn.init.zeros_(self.temporal_o.bias)
+        # released: hidden_size = to_k's output width, one projection per frame
+        self.control_convs = None if control_channels is None else nn.ModuleList(
+            control_projection(attn.to_k.out_features, control_channels) for _ in range(layers))
 
     def project(self, name: str, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``linear(x)`` plus each layer's LoRA update on its own rows of ``x`` (``[B * L, ...]``)."""
@@ -119,8 +134,10 @@ class LayerSharingUnit(nn.Module):
         update = torch.stack([delta(per_layer[:, layer]) for layer, delta in enumerate(deltas)], dim=1)
         return out + update.flatten(0, 1)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask)
+    # diffusers passes an attention keyword argument only if the processor's __call__ names it: so ``control``
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, control=None,
+                 **kwargs):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, control)
 
     def forward(
         self,
@@ -128,6 +145,7 @@ class LayerSharingUnit(nn.Module):
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        control: ControlFeatures | None = None,
     ) -> torch.Tensor:
         if hidden_states.ndim != 3 or attention_mask is not None or attn.group_norm is not None or attn.spatial_norm is not None:
             raise NotImplementedError(
@@ -136,6 +154,8 @@ class LayerSharingUnit(nn.Module):
             )
         if hidden_states.shape[0] % self.layers:
             raise ValueError(f"a batch of {hidden_states.shape[0]} rows is not whole samples of {self.layers} layers")
+        added = self.control(control, hidden_states)
+        hidden_states = hidden_states + added if added is not None else hidden_states
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query = self.project("to_q", attn.to_q, hidden_states)
         key = self.project("to_k", attn.to_k, context)
@@ -149,7 +169,21 @@ class LayerSharingUnit(nn.Module):
         out = attn.to_out[1](self.project("to_out", attn.to_out[0], attended))
         if self.mode == "frame":
             out = out + self.frame_attention(hidden_states + out)
-        return out
+        return out + added if added is not None else out  # released: the control stays in the residual stream
+
+    def control(self, features: ControlFeatures | None, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """The per-layer control for ``hidden_states`` (``[B * L, N, C]``), None without control."""
+        if (features is None) != (self.control_convs is None):
+            raise ValueError(
+                "these layer-sharing units read a condition image: call the UNet with cross_attention_kwargs="
+                "{'control': ControlEncoder()(image)}" if features is None else
+                "control features were given (cross_attention_kwargs['control']) to units without control: "
+                "install them with add_layer_sharing(..., control_channels=ControlEncoder.channels)"
+            )
+        if features is None:
+            return None
+        rows, tokens = hidden_states.shape[:2]
+        return frame_controls(self.control_convs, features, rows // self.layers, tokens).to(hidden_states)
 
     def frame_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Attention across the layers at each token: ``[B * L, N, C]`` in and out."""
@@ -173,14 +207,16 @@ def add_layer_sharing(
     rank: int,
     alpha: float | None = None,
     lora_projections: Sequence[str] = PROJECTIONS,
+    control_channels: int | None = None,
 ) -> dict[str, LayerSharingUnit]:
     """Freeze ``unet`` and give every attention module a :class:`LayerSharingUnit` (trainable),
-    returned by module name."""
+    returned by module name; with ``control_channels`` (``ControlEncoder.channels``) the units read
+    a condition image's features, passed in each forward as ``cross_attention_kwargs={"control": ...}``."""
     unet.requires_grad_(False)
     units = {}
     for name in attention_module_names(unet):
         attn = unet.get_submodule(name)
-        units[name] = LayerSharingUnit(attn, layers, mode, rank, alpha, lora_projections)
+        units[name] = LayerSharingUnit(attn, layers, mode, rank, alpha, lora_projections, control_channels)
         attn.set_processor(units[name])
     return units
 

@@ -1,9 +1,11 @@
-"""A UNet's output on fixed inputs, to compare models and exports."""
+"""A UNet's output on fixed inputs, to compare models and exports; SD1.5's layout at tiny widths."""
 
 from __future__ import annotations
 
 import torch
 from diffusers import UNet2DConditionModel
+
+from layerdiff.models.base import SD15_UNET_CONFIG
 
 
 def unet_output(unet: UNet2DConditionModel, grad: bool = False) -> torch.Tensor:
@@ -23,3 +25,10 @@ def unet_output(unet: UNet2DConditionModel, grad: bool = False) -> torch.Tensor:
         }
     with torch.set_grad_enabled(grad):
         return unet(sample, 500, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+
+
+def make_sd15_unet() -> UNet2DConditionModel:
+    """SD1.5's block layout (so its 32 attention modules, at 8 x 8, 4 x 4, 2 x 2 and, in the mid
+    block, 1 x 1 latents) at tiny widths."""
+    return UNet2DConditionModel(**{**SD15_UNET_CONFIG, "sample_size": 8, "block_out_channels": (8, 8, 16, 16),
+                                   "norm_num_groups": 4, "attention_head_dim": 2, "cross_attention_dim": 16})
