@@ -38,12 +38,13 @@ from diffusers import UNet2DConditionModel
 
 from layerdiff.distributed import consolidate_checkpoint
 from layerdiff.formats.checkpoints import find_hyperparameter, read_checkpoint
+from layerdiff.formats.layer_checkpoints import read_joint_checkpoint
+from layerdiff.formats.layer_conditional import RELEASED_CONDITIONAL, conditional_task, save_released_conditional
 from layerdiff.formats.layer_sharing import (
     LAYER_LORA_SUFFIX,
     LAYER_SHARING_FILENAME,
     RELEASED_JOINT_FILENAME,
     layer_lora,
-    read_joint_checkpoint,
     released_joint_problem,
     save_layer_loras,
     save_layer_sharing,
@@ -155,6 +156,10 @@ def export_layer_sharing_checkpoint(
     and, where the units fit it, the released SD1.5 joint file."""
     read = read_joint_checkpoint(checkpoint, use_ema, base_model)
     out_dir = Path(out_dir)
+    if read.control_layer is not None:  # the released SD1.5 fg2bg / bg2fg design: only its released layout holds it
+        task = conditional_task(read.layer_names, read.control_layer)
+        return [save_released_conditional(out_dir / RELEASED_CONDITIONAL[task].filename, read.unet, read.control_encoder,
+                                          task, read.layer_names, read.hyperparameters, dtype)]
     paths = [save_layer_sharing(out_dir / LAYER_SHARING_FILENAME, read.unet, read.layer_names, read.hyperparameters, dtype)]
     paths += save_layer_loras(out_dir, read.unet, read.layer_names, read.hyperparameters, dtype)
     problem = released_joint_problem(read.unet, read.layer_names)
@@ -236,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "layer-sharing",
         help=f"write a JointLayerLoRAModule checkpoint's layer-sharing units as {LAYER_SHARING_FILENAME}, one "
         f"diffusers LoRA per layer (<layer>{LAYER_LORA_SUFFIX}) and, for SD1.5 frame mode with the layers "
-        f"foreground/background/blend, the released {RELEASED_JOINT_FILENAME}",
+        f"foreground/background/blend, the released {RELEASED_JOINT_FILENAME}; a model with a control_layer as the "
+        f"released {' / '.join(task.filename for task in RELEASED_CONDITIONAL.values())}",
     )
     conditional = commands.add_parser(
         "conditional",

@@ -17,6 +17,7 @@ from layerdiff.pipelines import GenerationSettings, LayerPromptBatch
 from layerdiff.pipelines.joint_layers import read_layer_image
 from support.shards import write_tiny_shards
 from support.trainers import quiet_trainer
+from support.unets import sd15_shaped_model
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +124,50 @@ def test_the_export_is_the_released_fg2ble_file_and_loads_back_into_the_base(par
     expected.conv_in.load_state_dict(module.unet.conv_in.state_dict())
     for key, tensor in expected.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], tensor, atol=1e-6, rtol=1e-5)
+
+
+def test_an_sd15_control_model_trains_reads_its_condition_and_exports_the_released_fg2bg_file(tiny_sd15,
+                                                                                             tiny_transparent_vae, tmp_path):
+    """The released SD1.5 fg2bg design: frames [background, blend], the foreground read by every
+    unit through the control encoder; the export loads back strictly."""
+    from diffusers import UNet2DConditionModel
+
+    from layerdiff.export import main as export_main
+    from layerdiff.formats.layer_conditional import load_released_conditional
+    from layerdiff.models.control_encoder import ControlEncoder
+    from layerdiff.models.layer_sharing import add_layer_sharing
+
+    sd15, transparent_vae = sd15_shaped_model(tiny_sd15, tmp_path / "sd15"), tiny_transparent_vae
+    shards = write_tiny_shards(tmp_path / "train", 2, sizes=((64, 64),), layers=True)
+    data = ShardDataModule(",".join(shards), batch_size=2, num_workers=0, shuffle_buffer=0, require_layers=True)
+    data.setup("fit")
+    batch = data.on_before_batch_transfer(next(iter(data.train_dataloader())), 0)
+    torch.manual_seed(0)
+    module = JointLayerLoRAModule(base_model=str(sd15), transparent_vae=str(transparent_vae),
+                                  layers=["background", "blend"], transparent_layers=[], control_layer="foreground",
+                                  attention_sharing="frame", lora_rank=4)
+    assert module.control_encoder is not None
+    with torch.no_grad():  # control projections away from their zero start
+        for name, parameter in module.unet.named_parameters():
+            if "control_convs" in name:  # large: the untrained encoder's features are ~0.005
+                parameter.normal_(std=0.5)
+    losses = module.compute_loss(batch, torch.Generator().manual_seed(0))
+    losses["loss"].backward()
+    first = module.control_encoder.blocks_0[0].weight.grad  # the levels the tiny UNet attends at learn
+    assert first is not None and first.abs().sum() > 0
+    batch.layer("foreground").pixels = 1.0 - batch.layer("foreground").pixels
+    flipped = module.compute_loss(batch, torch.Generator().manual_seed(0))
+    batch.layer("foreground").pixels = 1.0 - batch.layer("foreground").pixels
+    assert not torch.equal(flipped["loss"], losses["loss"])
+
+    trainer = quiet_trainer(tmp_path)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    export_main(["layer-sharing", "--checkpoint", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "export")])
+    unet = UNet2DConditionModel.from_pretrained(sd15 / "unet")
+    add_layer_sharing(unet, 2, "frame", 4, control_channels=ControlEncoder.channels)
+    encoder = ControlEncoder()
+    load_released_conditional(unet, encoder, tmp_path / "export" / "layer_sd15_fg2bg.safetensors", "fg2bg",
+                              ["background", "blend"])
+    for key, tensor in module.control_encoder.state_dict().items():
+        assert torch.equal(encoder.state_dict()[key], tensor)

@@ -65,6 +65,15 @@ RELEASED_CONDITIONAL = {
 RELEASED_CONDITIONAL_FRAMES = 2
 
 
+def conditional_task(frames: Sequence[str], condition: str) -> str:
+    """The released task whose frames are ``frames`` (any order) conditioned on ``condition``."""
+    for name, task in RELEASED_CONDITIONAL.items():
+        if sorted(task.frames) == sorted(frames) and task.condition == condition:
+            return name
+    raise ValueError(f"layers {list(frames)} conditioned on {condition!r} are none of the released conditional models "
+                     f"({', '.join(f'{name}: {list(t.frames)} on {t.condition}' for name, t in RELEASED_CONDITIONAL.items())})")
+
+
 def _task(task: str) -> ConditionalTask:
     if task not in RELEASED_CONDITIONAL:
         raise ValueError(f"the released conditional models are {sorted(RELEASED_CONDITIONAL)}; got task {task!r}")

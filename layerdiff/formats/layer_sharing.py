@@ -45,13 +45,11 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save
 
 from layerdiff.files import fsync_directory, write_atomically
-from layerdiff.formats.checkpoints import find_hyperparameter
 from layerdiff.formats.lora import Lora, LoraFactors, save_diffusers_lora
 from layerdiff.formats.provenance import provenance, read_metadata, tensors_for_file
-from layerdiff.formats.unet import read_unet_checkpoint
 from layerdiff.formats.unet_names import ldm_attention_prefixes
-from layerdiff.models.base import MODEL_CONFIG_FILE, SD15_UNET_CONFIG, load_component, unet_architecture
-from layerdiff.models.layer_sharing import PROJECTIONS, LayerSharingUnit, LowRankDelta, add_layer_sharing, sharing_units
+from layerdiff.models.base import SD15_UNET_CONFIG, unet_architecture
+from layerdiff.models.layer_sharing import PROJECTIONS, LayerSharingUnit, LowRankDelta, sharing_units
 
 RELEASED_JOINT_FILENAME = "layer_sd15_joint.safetensors"
 RELEASED_JOINT_FRAMES = ("foreground", "background", "blend")
@@ -350,51 +348,3 @@ def save_layer_loras(
             shutil.rmtree(staging, ignore_errors=True)
     fsync_directory(out_dir)
     return paths
-
-
-# -- units out of a training checkpoint -----------------------------------------------------------
-
-
-class JointCheckpoint(NamedTuple):
-    """The units of a joint-layer checkpoint, installed on its base UNet (built on the meta
-    device: the base weights are not read), and what they were trained with."""
-
-    unet: UNet2DConditionModel
-    layer_names: list[str]
-    hyperparameters: dict[str, Any]
-
-
-def read_joint_checkpoint(
-    checkpoint: str | PathLike, use_ema: bool = True, base_model: str | None = None
-) -> JointCheckpoint:
-    """The layer-sharing units of a ``JointLayerLoRAModule`` checkpoint: ``unet.*.processor.*``
-    weights, hyper-parameters ``layers`` (names), ``attention_sharing``, ``lora_rank``,
-    ``lora_alpha`` and ``base_model`` (replaced by ``base_model`` if given)."""
-    read = read_unet_checkpoint(checkpoint, use_ema, base_model)
-    wanted = ("layers", "attention_sharing", "lora_rank")
-    found = {name: find_hyperparameter(read.hyperparameters, name) for name in wanted}
-    names = found["layers"]
-    if any(value is None for value in found.values()) or not isinstance(names, (list, tuple)) or not all(
-            isinstance(name, str) for name in names):
-        raise ValueError(f"{checkpoint}: hyper-parameters {wanted} (layers: a list of layer names) are not all there "
-                         f"({found}); is it a JointLayerLoRAModule checkpoint?")
-    marker = ".processor."
-    weights = {key: tensor for key, tensor in read.unet_state.items() if marker in key}
-    if not weights:
-        raise ValueError(f"{checkpoint}: no layer-sharing weights ('unet.<attention module>{marker}*')")
-    projections = [name for name in PROJECTIONS if any(f"{marker}{name}_lora." in key for key in weights)]
-    config = load_component(
-        UNet2DConditionModel.load_config, read.base_model, "unet", MODEL_CONFIG_FILE, read.base_revision
-    )
-    layer_names, alpha = list(names), find_hyperparameter(read.hyperparameters, "lora_alpha")
-    with torch.device("meta"):  # no base weights, and no initialisation of units about to be overwritten
-        unet = UNet2DConditionModel.from_config(config)
-        units = add_layer_sharing(unet, len(layer_names), found["attention_sharing"], found["lora_rank"], alpha,
-                                  projections)
-    for unit in units.values():
-        unit.to_empty(device="cpu")
-    hint = (f"Do the hyper-parameters (layers {layer_names}, lora_rank {found['lora_rank']}) and the base model "
-            f"{read.base_model} match the weights? Pass --base-model if it was another.")
-    import_units(unet, lambda module, param: f"{module}{marker}{param}", weights, str(checkpoint), hint, folded=False)
-    return JointCheckpoint(unet, layer_names, read.hyperparameters)
-

@@ -61,13 +61,18 @@ def layer_latent(
     return diffusion_latent(vae, encode_adjusted(vae, transparent_encoder, rgb, alpha)[1])
 
 
+def condition_image(rgb: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
+    """A condition layer as the released conditional models read it, in [-1, 1]: composited on
+    grey (``0.5 + (rgb - 0.5) a``), an opaque layer as it is."""
+    return rgb * 2.0 - 1.0 if alpha is None else premultiply_on_grey(rgb, alpha)
+
+
 def condition_latent(vae: AutoencoderKL, rgb: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
     """A condition layer's latent for the channels LD Fig. 4's models concatenate to the noisy
-    latent, on the UNet's scale: the layer composited on grey (``0.5 + (rgb - 0.5) a``; an opaque
-    layer as it is), VAE-encoded, as the released SDXL conditional models read them (they draw a
-    posterior sample; the mean here, so training and sampling see one deterministic latent)."""
-    image = rgb * 2.0 - 1.0 if alpha is None else premultiply_on_grey(rgb, alpha)
-    return diffusion_latent(vae, vae.encode(image).latent_dist.mean)
+    latent, on the UNet's scale: :func:`condition_image` VAE-encoded, as the released SDXL
+    conditional models read them (they draw a posterior sample; the mean here, so training and
+    sampling see one deterministic latent)."""
+    return diffusion_latent(vae, vae.encode(condition_image(rgb, alpha)).latent_dist.mean)
 
 
 def decode_pixels(vae: AutoencoderKL, latent: torch.Tensor) -> torch.Tensor:

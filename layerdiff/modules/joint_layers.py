@@ -13,13 +13,16 @@ import torch
 
 from layerdiff import diffusion
 from layerdiff.batches import Layer, LayeredBatch
+from layerdiff.formats.layer_conditional import conditional_task, load_released_conditional
 from layerdiff.formats.layer_sharing import load_layer_sharing
 from layerdiff.formats.unet_delta import apply_unet_delta, is_unet_delta
 from layerdiff.models import codec
 from layerdiff.models.base import load_unet
+from layerdiff.models.control_encoder import CONTROL_KWARG, ControlEncoder
 from layerdiff.models.conv_in import LATENT_CHANNELS, grow_conv_in
 from layerdiff.models.layer_sharing import PROJECTIONS, SharingMode, add_layer_sharing
 from layerdiff.models.text import PromptEmbeddings
+from layerdiff.modules.base import TrainedParts
 from layerdiff.modules.diffusion_objective import DiffusionObjective
 from layerdiff.optim import LearningRateSchedule, OptimizerName
 from layerdiff.pipelines.composition import CompositionBatch, compose
@@ -50,6 +53,8 @@ def mode_name(given: list[str] | tuple[str, ...]) -> str:
 
 
 class JointLayerLoRAModule(DiffusionObjective):
+    trained = TrainedParts(exported=("unet", "control_encoder"))
+
     """Trains one LoRA per layer on a frozen SD1.5 / SDXL UNet with attention sharing, on
     ``LayeredBatch``es (``data.ShardDataModule(require_layers=True)``).
 
@@ -84,6 +89,10 @@ class JointLayerLoRAModule(DiffusionObjective):
             UNet input channels (LD Fig. 4; ``conv_in`` grows by 4 zero-initialised channels per
             layer and trains): e.g. ``layers: [blend]`` with ``[foreground]`` is the released
             SDXL fg2ble model, ``layers: [foreground]`` with ``[background, blend]`` bgble2fg.
+        control_layer: a layer of the batch that conditions the generated ones through a control
+            encoder read by every layer-sharing unit (the released SD1.5 conditional models:
+            ``layers: [background, blend]`` with ``foreground`` is fg2bg, ``[foreground, blend]``
+            with ``background`` bg2fg; ``attention_sharing: frame``).
         init_from: a layer-sharing file to start the units from: the released
             ``layer_sd15_joint.safetensors`` or ``python -m layerdiff.export layer-sharing``'s
             ``layerdiff_layer_sharing.safetensors`` (or its folder); it must fit the units (mode,
@@ -118,6 +127,7 @@ class JointLayerLoRAModule(DiffusionObjective):
         lora_projections: tuple[str, ...] = PROJECTIONS,
         modes: list[LayerMode] | None = None,
         concat_conditions: tuple[str, ...] = (),
+        control_layer: str | None = None,
         init_from: str | None = None,
         prediction_type: Literal["epsilon", "v_prediction"] | None = None,
         min_snr_gamma: float | None = None,
@@ -149,6 +159,10 @@ class JointLayerLoRAModule(DiffusionObjective):
         if set(self.concat_conditions) & set(layers) or len(set(self.concat_conditions)) != len(self.concat_conditions):
             raise ValueError(f"concat_conditions {list(self.concat_conditions)} must be distinct layers of the batch that "
                              f"are not generated (layers {list(layers)})")
+        self.control_layer = control_layer
+        if control_layer is not None and (control_layer in layers or control_layer in self.concat_conditions):
+            raise ValueError(f"control_layer {control_layer!r} must be a layer of the batch that is not generated "
+                             f"(layers {list(layers)}) nor a concat condition")
         self.modes = _checked_modes(modes or JOINT_ONLY, layers)
         self.given_masks = torch.tensor([[name in mode["given"] for name in layers] for mode in self.modes])  # [M, L]
 
@@ -159,10 +173,15 @@ class JointLayerLoRAModule(DiffusionObjective):
             grow_conv_in(self.unet, LATENT_CHANNELS * len(self.concat_conditions))
         if init_from is not None and is_unet_delta(init_from):  # a released ::diff:: file: part of the start
             apply_unet_delta(self.unet, init_from)
-        add_layer_sharing(self.unet, len(layers), attention_sharing, lora_rank, lora_alpha, lora_projections)
+        add_layer_sharing(self.unet, len(layers), attention_sharing, lora_rank, lora_alpha, lora_projections,
+                          control_channels=None if control_layer is None else ControlEncoder.channels)
+        self.control_encoder = None if control_layer is None else ControlEncoder()
         if self.concat_conditions:
             self.unet.conv_in.requires_grad_(True)  # the new channels learn; the base weights under them too
-        if init_from is not None and not is_unet_delta(init_from):
+        if init_from is not None and control_layer is not None:
+            load_released_conditional(self.unet, self.control_encoder, init_from, conditional_task(layers, control_layer),
+                                      layers)
+        elif init_from is not None and not is_unet_delta(init_from):
             load_layer_sharing(self.unet, init_from, layers)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -177,7 +196,8 @@ class JointLayerLoRAModule(DiffusionObjective):
                 "`data.init_args.require_layers: true` and use shards with bg.png/blend.png (python -m data write --help)"
             )
         found = [layer.name for layer in batch.layers]
-        missing = [name for name in self.layers + self.concat_conditions if name not in found]
+        conditions = self.concat_conditions + ((self.control_layer,) if self.control_layer else ())
+        missing = [name for name in self.layers + conditions if name not in found]
         if missing:
             raise LayerMismatchError(f"the batch (keys {batch.key[:3]}...) has layers {found}, not {missing}; "
                                      f"the model was built for layers {list(self.layers)}")
@@ -253,6 +273,10 @@ class JointLayerLoRAModule(DiffusionObjective):
         else:
             runs = {mode_name(self.modes[m]["given"]): self.given_masks[m].expand(samples, count) for m in modes}
         conditions = self.condition_latents(batch)
+        attention_inputs = None
+        if self.control_encoder is not None:  # the condition image's features, read by every unit
+            control = batch.layer(self.control_layer)
+            attention_inputs = {CONTROL_KWARG: self.control_encoder(codec.condition_image(control.rgb, control.alpha))}
         results = {}
         for name, given in runs.items():
             model_input, layer_timesteps = diffusion.given_layers(latents, noisy, timesteps, given)
@@ -260,7 +284,7 @@ class JointLayerLoRAModule(DiffusionObjective):
             if conditions is not None:  # the same conditions beside every layer of a sample
                 model_input = torch.cat([model_input, conditions.repeat_interleave(count, dim=0)], dim=1)
             prediction = self.unet(model_input, rows, encoder_hidden_states=prompts.hidden,
-                                   added_cond_kwargs=added).sample
+                                   added_cond_kwargs=added, cross_attention_kwargs=attention_inputs).sample
             target = diffusion.target(self.prediction_type, alphas_cumprod, latents.flatten(0, 1), noise.flatten(0, 1), rows)
             total, per_layer = diffusion.layer_losses(prediction.unflatten(0, (samples, count)),
                                                       target.unflatten(0, (samples, count)), ~given,
@@ -297,6 +321,7 @@ class JointLayerLoRAModule(DiffusionObjective):
                 self.unet, self.vae, self.text_encoders, self.transparent_decoder, self.layers, self.transparent_layers,
                 self.hparams.base_model, self.hparams.base_revision, self.hparams.decode_augmentation,
                 self.transparent_encoder, [mode["given"] for mode in self.modes], self.concat_conditions,
+                self.control_encoder, self.control_layer,
             )
         return self._generator
 

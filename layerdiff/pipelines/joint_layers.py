@@ -29,6 +29,7 @@ from torch import nn
 from layerdiff import diffusion
 from layerdiff.models import codec
 from layerdiff.models.base import TextEncoders, detect_architecture
+from layerdiff.models.control_encoder import CONTROL_KWARG
 from layerdiff.models.conv_in import LATENT_CHANNELS
 from layerdiff.models.text import PromptConditioning, PromptEmbeddings
 from layerdiff.pipelines.transparent import GenerationSettings, load_scheduler_config, make_scheduler
@@ -112,11 +113,15 @@ class JointLayerGenerator:
         transparent_encoder: nn.Module | None = None,
         given_sets: Sequence[Sequence[str]] = ((),),
         concat_conditions: Sequence[str] = (),
+        control_encoder: nn.Module | None = None,
+        control_layer: str | None = None,
     ) -> None:
         self.unet, self.vae, self.transparent_decoder = unet, vae, transparent_decoder
         self.transparent_encoder = transparent_encoder
         self.given_sets = {tuple(sorted(given)) for given in given_sets}  # the conditions the model was trained for
         self.concat_conditions = tuple(concat_conditions)  # given as images, fed as extra input channels
+        self.control_encoder, self.control_layer = control_encoder, control_layer  # given as an image, read by the units
+        self.conditions = self.concat_conditions + ((control_layer,) if control_layer else ())
         self.conditioning = PromptConditioning(text_encoders)
         self.layers, self.transparent_layers = tuple(layers), tuple(transparent_layers)
         self.architecture = detect_architecture(base_model, revision=base_revision)
@@ -138,13 +143,13 @@ class JointLayerGenerator:
         unknown = sorted(set(batch.guidance) - set(self.layers))
         if unknown:
             raise ValueError(f"guidance for layers {unknown}, but this model generates layers {list(self.layers)}")
-        missing = [name for name in self.concat_conditions if name not in batch.given]
+        missing = [name for name in self.conditions if name not in batch.given]
         if missing:
-            raise ValueError(f"this model generates {list(self.layers)} conditioned on {list(self.concat_conditions)}: give "
+            raise ValueError(f"this model generates {list(self.layers)} conditioned on {list(self.conditions)}: give "
                              f"{missing} as images (data.init_args.given_layers: {{{missing[0]}: path}})")
-        if tuple(sorted(set(batch.given) - set(self.concat_conditions))) not in self.given_sets:
+        if tuple(sorted(set(batch.given) - set(self.conditions))) not in self.given_sets:
             trained = [sorted(given) or "none (joint)" for given in sorted(self.given_sets)]
-            raise ValueError(f"layers {sorted(set(batch.given) - set(self.concat_conditions))} given as images, but this "
+            raise ValueError(f"layers {sorted(set(batch.given) - set(self.conditions))} given as images, but this "
                              "model was trained with given layers "
                              f"{trained} (its modes): give one of those sets, or train the mode (model.init_args.modes)")
 
@@ -152,7 +157,7 @@ class JointLayerGenerator:
         """Each given layer's pixels (``[3 or 4, H, W]``) and latent (``[1, 4, h, w]``)."""
         pixels = {}
         for name, path in given.items():
-            transparent = None if name in self.concat_conditions else name in self.transparent_layers
+            transparent = None if name in self.conditions else name in self.transparent_layers
             rgb, alpha = read_layer_image(path, settings.width, settings.height, transparent)
             pixels[name] = rgb if alpha is None else torch.cat([rgb, alpha])
         return self._latents_of_pixels(pixels)
@@ -162,7 +167,7 @@ class JointLayerGenerator:
         latent is ``_condition_channels``')."""
         prepared, device, dtype = {}, self.vae.device, self.vae.dtype
         for name, image in pixels.items():
-            if name in self.concat_conditions:
+            if name in self.conditions:
                 prepared[name] = (torch.round(image.clamp(0.0, 1.0) * 255.0) / 255.0, None)
                 continue
             transparent = name in self.transparent_layers
@@ -207,6 +212,7 @@ class JointLayerGenerator:
         given = self._given_latents({name: path for name, path in batch.given.items() if name not in given_pixels}, settings)
         given.update(self._latents_of_pixels(given_pixels))
         conditions = self._condition_channels(given, rows)
+        attention_inputs = self._control(given)
         given_rows = torch.tensor([name in given for name in self.layers] * samples, device=device)  # of the generated
         clean = torch.zeros((samples * count, *shape), device=device, dtype=dtype)
         for index, name in enumerate(self.layers):
@@ -230,7 +236,7 @@ class JointLayerGenerator:
             if conditions is not None:
                 model_input = torch.cat([model_input, conditions], dim=1)
             prediction = self.unet(model_input, row_timesteps, encoder_hidden_states=prompts.hidden,
-                                   added_cond_kwargs=added).sample
+                                   added_cond_kwargs=added, cross_attention_kwargs=attention_inputs).sample
             if guided:
                 without, with_prompt = prediction.chunk(2)
                 prediction = without + scales * (with_prompt - without)
@@ -247,6 +253,14 @@ class JointLayerGenerator:
             image = given[name][0].to(self.vae.device, self.vae.dtype)[None]
             latents.append(codec.condition_latent(self.vae, image[:, :3], image[:, 3:] if image.shape[1] == 4 else None))
         return torch.cat(latents, dim=1).expand(rows, -1, -1, -1).to(self.unet.dtype)
+
+    def _control(self, given: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, Any] | None:
+        """The control layer's features (one image for every row, both guidance branches)."""
+        if self.control_encoder is None:
+            return None
+        image = given[self.control_layer][0].to(self.unet.device, self.unet.dtype)[None]
+        return {CONTROL_KWARG: self.control_encoder(codec.condition_image(image[:, :3], image[:, 3:] if image.shape[1] == 4
+                                                                          else None))}
 
     @staticmethod
     def _with_given(model_input: torch.Tensor, timestep: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor,
@@ -271,7 +285,7 @@ class JointLayerGenerator:
                 decoded[name] = torch.cat([rgb, alpha], dim=1).float().cpu()
             else:
                 decoded[name] = codec.decode_opaque(self.vae, layer_latents).float().cpu()
-        for name in self.concat_conditions:  # the conditions belong to the set (the layered file shows them)
+        for name in self.conditions:  # the conditions belong to the set (the layered file shows them)
             decoded[name] = given[name][0].float().cpu()[None].expand(len(latents), -1, -1, -1)
         shared = {**asdict(settings), "guidance": dict(batch.guidance), "base_model": self.base_model,
                   "base_revision": self.base_revision, "layers": list(self.layers), "given": dict(batch.given),

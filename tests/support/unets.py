@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -27,8 +29,23 @@ def unet_output(unet: UNet2DConditionModel, grad: bool = False) -> torch.Tensor:
         return unet(sample, 500, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
 
 
-def make_sd15_unet() -> UNet2DConditionModel:
+def make_sd15_unet(cross_attention_dim: int = 16) -> UNet2DConditionModel:
     """SD1.5's block layout (so its 32 attention modules, at 8 x 8, 4 x 4, 2 x 2 and, in the mid
     block, 1 x 1 latents) at tiny widths."""
     return UNet2DConditionModel(**{**SD15_UNET_CONFIG, "sample_size": 8, "block_out_channels": (8, 8, 16, 16),
-                                   "norm_num_groups": 4, "attention_head_dim": 2, "cross_attention_dim": 16})
+                                   "norm_num_groups": 4, "attention_head_dim": 2,
+                                   "cross_attention_dim": cross_attention_dim})
+
+
+def sd15_shaped_model(tiny_sd15: Path, folder: Path) -> Path:
+    """The tiny SD1.5 model folder with :func:`make_sd15_unet` as its UNet: a base model whose
+    exports fit the released SD1.5 layouts."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_sd15, folder)
+    text_width = json.loads((tiny_sd15 / "text_encoder" / "config.json").read_text())["hidden_size"]
+    shutil.rmtree(folder / "unet")
+    torch.manual_seed(0)
+    make_sd15_unet(text_width).save_pretrained(folder / "unet")
+    return folder
