@@ -119,10 +119,22 @@ class TransparentSamples(Callback):
 class LayerSamples(TransparentSamples):
     """``TransparentSamples`` for joint-layer models (``JointLayerLoRAModule``): ``prompts`` are
     layer prompts (a prompt per layer name), and each grid row is one layer set, each layer
-    (transparent ones on a checkerboard), then the layers composited top over bottom."""
+    (transparent ones on a checkerboard), then the layers composited top over bottom. A model
+    that generates from condition layers (``concat_conditions``, ``control_layer``) gets them from
+    the first held-out sample, the same at every step."""
 
     generator_method = "layer_generator"
     generating_module = "JointLayerLoRAModule"
+    _conditions: dict[str, torch.Tensor] | None = None
+
+    def held_out_conditions(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, torch.Tensor]:
+        needed = pl_module.layer_generator().conditions
+        if needed and self._conditions is None:
+            datamodule = trainer.datamodule
+            loader = datamodule.val_dataloader() if datamodule.val_shards else datamodule.train_dataloader()
+            batch = datamodule.on_before_batch_transfer(next(iter(loader)), 0)
+            self._conditions = {name: batch.layer(name).pixels[0].float().cpu() for name in needed}
+        return self._conditions or {}
 
     def grid(self, images: list[GeneratedLayers]) -> torch.Tensor:
         return image_grid([preview_layers(list(image.layers.values())) for image in images])
@@ -134,8 +146,9 @@ class LayerSamples(TransparentSamples):
         prompts = [dict(prompt) for _ in self.seeds for prompt in self.prompts]
         seeds = [seed for seed in self.seeds for _ in self.prompts]
         batch = LayerPromptBatch(list(range(len(prompts))), prompts, seeds, self.settings)
+        given = self.held_out_conditions(trainer, pl_module)
         with averaged_weights_of(trainer), evaluation_mode(pl_module), trainer.precision_plugin.forward_context():
-            return pl_module.layer_generator()(batch)
+            return pl_module.layer_generator()(batch, given_pixels=given)
 
 
 @contextlib.contextmanager

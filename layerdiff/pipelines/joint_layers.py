@@ -87,6 +87,17 @@ def read_layer_image(path: str, width: int, height: int,
     return pixels[:3], pixels[3:] if transparent else None
 
 
+def _fit(image: torch.Tensor, settings: GenerationSettings) -> torch.Tensor:
+    """An in-memory layer ``[C, H, W]`` scaled and centre-cropped to the generation size, as a file is."""
+    if tuple(image.shape[-2:]) == (settings.height, settings.width):
+        return image
+    rgba = image.permute(1, 2, 0).float().cpu().numpy()
+    if rgba.shape[2] == 3:
+        rgba = np.concatenate([rgba, np.ones_like(rgba[..., :1])], axis=-1)
+    fitted = torch.from_numpy(resize_and_crop(rgba, settings.width, settings.height)[0]).permute(2, 0, 1)
+    return fitted if image.shape[0] == 4 else fitted[:3]
+
+
 def layer_noise(seed: int, layers: int, shape: tuple[int, ...]) -> torch.Tensor:
     """A sample's initial noise ``[L, *shape]`` from its own CPU generator (same on any device)."""
     return torch.randn((layers, *shape), generator=torch.Generator().manual_seed(int(seed)))
@@ -136,8 +147,8 @@ class JointLayerGenerator:
     def _check(self, batch: LayerPromptBatch) -> None:
         if len(batch.prompts) != len(batch.seeds):
             raise ValueError(f"{len(batch.prompts)} layer prompts but {len(batch.seeds)} seeds; give one seed per sample")
-        for prompts in batch.prompts:
-            unknown = sorted(set(prompts) - set(self.layers))
+        for prompts in batch.prompts:  # a condition layer's prompt is allowed, and unused
+            unknown = sorted(set(prompts) - set(self.layers) - set(self.conditions))
             if unknown:
                 raise ValueError(f"prompts for layers {unknown}, but this model generates layers {list(self.layers)}")
         unknown = sorted(set(batch.guidance) - set(self.layers))
@@ -210,7 +221,7 @@ class JointLayerGenerator:
         added = self.conditioning.added_conditions(prompts, sizes, torch.zeros_like(sizes), (settings.height, settings.width))
 
         given = self._given_latents({name: path for name, path in batch.given.items() if name not in given_pixels}, settings)
-        given.update(self._latents_of_pixels(given_pixels))
+        given.update(self._latents_of_pixels({name: _fit(image, settings) for name, image in given_pixels.items()}))
         conditions = self._condition_channels(given, rows)
         attention_inputs = self._control(given)
         given_rows = torch.tensor([name in given for name in self.layers] * samples, device=device)  # of the generated
