@@ -158,3 +158,17 @@ def test_refinement_barely_moves_the_matte_of_an_object_as_green_as_the_backing(
     guess = matte * 0.8
     refined, _ = refine_matte(composite, guess)
     assert (refined - guess).abs().max() < 0.15 * 0.2 + 1e-3  # at most that share of the 0.2 it could gain
+
+
+def test_refinement_reads_the_backing_as_the_image_shows_it_not_the_nominal_key():
+    truth = disc_matte(softness=2.0)
+    shifted = torch.tensor([0.06, 0.9, 0.1], dtype=torch.float64).reshape(1, 3, 1, 1)  # a decoder's off-green screen
+    red = torch.tensor([0.9, 0.3, 0.5], dtype=torch.float64).reshape(1, 3, 1, 1)
+    composite = truth * red + (1 - truth) * shifted
+    blurred = torch.nn.functional.avg_pool2d(truth, 5, stride=1, padding=2, count_include_pad=False)
+    refined, _ = refine_matte(composite, blurred, GREEN)
+    band = (truth > 0.05) & (truth < 0.95)
+    assert (refined - truth).abs()[band].mean() < 0.01 * (blurred - truth).abs()[band].mean()
+    # against the nominal key instead, the same edge is mis-read by tens of percent
+    nominal = unmixed_alpha(composite, red.expand_as(composite), GREEN)
+    assert (nominal - truth).abs()[band].mean() > 0.02

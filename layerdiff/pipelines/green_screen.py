@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from layerdiff.keying import chroma_key_alpha, head_matte, refine_matte, unmix_foreground
+from layerdiff.keying import chroma_key_alpha, estimate_foreground, head_matte, refine_matte, unmix_foreground
 from layerdiff.models import codec
 from layerdiff.models.base import TextEncoders
 from layerdiff.models.matting_head import MattingHead, decode_with_features
@@ -29,8 +29,8 @@ class GreenScreenGenerator(TransparentImageGenerator):
     refinement).
 
     The matte: the head's (``matting_head``), refined with the backing colour when ``refine`` is
-    set (``layerdiff.keying.refine_matte``, which also gives the decontaminated colour); without a
-    head, the chroma key, and colour unmixing for the colour.
+    set (``layerdiff.keying.refine_matte``), the colour decontaminated by foreground estimation;
+    without a head, the chroma key, and colour unmixing for the colour.
 
     Args:
         unet, vae, text_encoders, base_model, base_revision: as for ``TransparentImageGenerator``.
@@ -75,7 +75,7 @@ class GreenScreenGenerator(TransparentImageGenerator):
         if self.refine:
             alpha, foreground = refine_matte(screen, head_alpha, self.key)
         else:
-            alpha, foreground = head_alpha, unmix_foreground(screen, head_alpha, self.key)
+            alpha, foreground = head_alpha, estimate_foreground(screen, head_alpha)
         return alpha, foreground, {"screen": screen, "alpha": alpha, "alpha_head": head_alpha}
 
     def model_parameters(self) -> dict[str, Any]:

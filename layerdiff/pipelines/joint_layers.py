@@ -171,23 +171,30 @@ class JointLayerGenerator:
             transparent = None if name in self.conditions else name in self.transparent_layers
             rgb, alpha = read_layer_image(path, settings.width, settings.height, transparent)
             pixels[name] = rgb if alpha is None else torch.cat([rgb, alpha])
-        return self._latents_of_pixels(pixels)
+        return self._encode(pixels)
 
     def _latents_of_pixels(self, pixels: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Each given layer's 8-bit pixels and its latent (``None`` for a concat condition, whose
-        latent is ``_condition_channels``')."""
+        """:meth:`_encode` of layers in memory, first prepared as ``read_layer_image`` prepares a
+        file: a transparent layer's colour padded under alpha 0, every layer rounded to 8 bits."""
+        prepared = {}
+        for name, image in pixels.items():
+            if name not in self.conditions and name in self.transparent_layers and image.shape[0] == 4:
+                image = torch.from_numpy(prepare_foreground(image.permute(1, 2, 0).float().cpu().numpy())).permute(2, 0, 1)
+            prepared[name] = torch.round(image.clamp(0.0, 1.0) * 255.0) / 255.0
+        return self._encode(prepared)
+
+    def _encode(self, pixels: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Each given layer's pixels and latent (``None`` for a condition layer: its latent or
+        features are made from the pixels by ``_condition_channels`` / ``_control``)."""
         prepared, device, dtype = {}, self.vae.device, self.vae.dtype
         for name, image in pixels.items():
             if name in self.conditions:
-                prepared[name] = (torch.round(image.clamp(0.0, 1.0) * 255.0) / 255.0, None)
+                prepared[name] = (image, None)
                 continue
             transparent = name in self.transparent_layers
             if image.shape[0] != (4 if transparent else 3):
                 raise ValueError(f"given layer {name!r} has {image.shape[0]} channels; the model's {name} is "
                                  f"{'transparent (RGBA)' if transparent else 'opaque (RGB)'}")
-            if transparent:  # colour padded under alpha 0, as in the shards (idempotent for a read file)
-                image = torch.from_numpy(prepare_foreground(image.permute(1, 2, 0).float().cpu().numpy())).permute(2, 0, 1)
-            image = torch.round(image.clamp(0.0, 1.0) * 255.0) / 255.0  # 8-bit, as layers are stored
             rgb, alpha = image[None, :3].to(device, dtype), image[None, 3:].to(device, dtype) if transparent else None
             prepared[name] = (image, codec.layer_latent(self.vae, self.transparent_encoder, rgb, alpha))
         return prepared
