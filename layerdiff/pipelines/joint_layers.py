@@ -32,6 +32,7 @@ from layerdiff.models.base import TextEncoders, detect_architecture
 from layerdiff.models.control_encoder import CONTROL_KWARG
 from layerdiff.models.conv_in import LATENT_CHANNELS
 from layerdiff.models.text import PromptConditioning, PromptEmbeddings
+from layerdiff.pipelines.controlnet import check_controlnet, control_image, controlnet_residuals, load_controlnet
 from layerdiff.pipelines.transparent import GenerationSettings, load_scheduler_config, make_scheduler
 from layerdiff.rgba import load_rgba, prepare_foreground, resize_and_crop
 
@@ -231,6 +232,7 @@ class JointLayerGenerator:
         given.update(self._latents_of_pixels({name: _fit(image, settings) for name, image in given_pixels.items()}))
         conditions = self._condition_channels(given, rows)
         attention_inputs = self._control(given)
+        steering = self._controlnet(settings, samples, guided, given)
         given_rows = torch.tensor([name in given for name in self.layers] * samples, device=device)  # of the generated
         clean = torch.zeros((samples * count, *shape), device=device, dtype=dtype)
         for index, name in enumerate(self.layers):
@@ -251,10 +253,16 @@ class JointLayerGenerator:
             model_input = torch.cat([latents, latents]) if guided else latents
             model_input = scheduler.scale_model_input(model_input, timestep)
             model_input, row_timesteps = self._with_given(model_input, timestep, clean, mask, guided)
+            residuals = {}
+            if steering is not None:
+                controlnet, image, scale, rows_steered = steering
+                down, mid = controlnet_residuals(controlnet, model_input, row_timesteps, prompts.hidden, added, image,
+                                                 scale, rows_steered)
+                residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
             if conditions is not None:
                 model_input = torch.cat([model_input, conditions], dim=1)
             prediction = self.unet(model_input, row_timesteps, encoder_hidden_states=prompts.hidden,
-                                   added_cond_kwargs=added, cross_attention_kwargs=attention_inputs).sample
+                                   added_cond_kwargs=added, cross_attention_kwargs=attention_inputs, **residuals).sample
             if guided:
                 without, with_prompt = prediction.chunk(2)
                 prediction = without + scales * (with_prompt - without)
@@ -271,6 +279,21 @@ class JointLayerGenerator:
             image = given[name][0].to(self.vae.device, self.vae.dtype)[None]
             latents.append(codec.condition_latent(self.vae, image[:, :3], image[:, 3:] if image.shape[1] == 4 else None))
         return torch.cat(latents, dim=1).expand(rows, -1, -1, -1).to(self.unet.dtype)
+
+    def _controlnet(self, settings: GenerationSettings, samples: int, guided: bool, given: dict) -> tuple | None:
+        """The ControlNet, its image, scale and the UNet rows it steers (one layer, both guidance halves)."""
+        guide = settings.controlnet
+        if not guide:
+            return None
+        layer = guide.get("layer") or next(name for name in self.layers if name not in given)
+        if layer not in self.layers or layer in given:
+            raise ValueError(f"the ControlNet steers layer {layer!r}, which this model does not generate here "
+                             f"(it generates {[name for name in self.layers if name not in given]})")
+        controlnet = load_controlnet(guide["model"]).to(self.unet.device, self.unet.dtype)
+        check_controlnet(controlnet, self.unet.config)
+        rows = torch.tensor([name == layer for name in self.layers] * samples * (2 if guided else 1), device=self.unet.device)
+        image = control_image(guide["image"], settings.width, settings.height).to(self.unet.device, self.unet.dtype)
+        return controlnet, image, float(guide.get("scale", 1.0)), rows
 
     def _control(self, given: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, Any] | None:
         """The control layer's features (one image for every row, both guidance branches)."""

@@ -26,7 +26,9 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     SchedulerMixin,
+    StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -42,6 +44,7 @@ from layerdiff.models.base import (
     load_component,
 )
 from layerdiff.pipelines.community_lora import CommunityLora, IncompatibleLoraError, check_lora_fits
+from layerdiff.pipelines.controlnet import ControlNetGuide, check_controlnet, control_image, load_controlnet
 
 SchedulerName = Literal["euler", "euler_a", "dpm++", "dpm++_karras", "ddim"]
 # Each sampler is its diffusers class plus the settings that make it that sampler; everything
@@ -89,6 +92,8 @@ class GenerationSettings:
         negative_prompt: what to steer away from; empty = the model's unconditional
             embedding (SDXL: zeros, as diffusers' ``force_zeros_for_empty_prompt``).
         scheduler: the sampler, one of ``SCHEDULERS``.
+        controlnet: a ControlNet steering the structure (:class:`ControlNetGuide`: model, control
+            image, scale; for joint layers, the layer it steers), or ``None``.
     """
 
     width: int | None = None
@@ -97,6 +102,7 @@ class GenerationSettings:
     guidance_scale: float = 7.0
     negative_prompt: str = ""
     scheduler: SchedulerName = "euler"
+    controlnet: ControlNetGuide | None = None
 
     def __post_init__(self) -> None:
         # an unset side stands for the native size, checked when resolved
@@ -266,6 +272,21 @@ class TransparentImageGenerator:
             "decode_augmentation": self.decode_augmentation,
         }
 
+    def _with_controlnet(self, settings: GenerationSettings) -> tuple[DiffusionPipeline, dict[str, Any]]:
+        """The pipeline to sample with and its ControlNet arguments: diffusers' ControlNet pipeline
+        over the same (shared) components when ``settings.controlnet`` is set."""
+        if not settings.controlnet:
+            return self.pipeline, {}
+        guide = settings.controlnet
+        unet = self.pipeline.unet
+        controlnet = load_controlnet(guide["model"]).to(unet.device, unet.dtype)
+        check_controlnet(controlnet, unet.config)
+        kind = StableDiffusionXLControlNetPipeline if self.architecture == "sdxl" else StableDiffusionControlNetPipeline
+        pipeline = kind.from_pipe(self.pipeline, controlnet=controlnet)
+        pipeline.set_progress_bar_config(disable=True)
+        image = control_image(guide["image"], settings.width, settings.height)
+        return pipeline, {"image": image, "controlnet_conditioning_scale": float(guide.get("scale", 1.0))}
+
     def decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Generated latents -> ``(alpha, rgb, extras)``: here the transparency decoder's RGBA."""
         alpha, rgb = codec.decode_rgba(self.pipeline.vae, self.transparent_decoder, latents, self.decode_augmentation)
@@ -295,7 +316,9 @@ class TransparentImageGenerator:
             height=native if settings.height is None else settings.height,
         )
         self.pipeline.scheduler = make_scheduler(settings.scheduler, self.scheduler_config)
-        latents = self.pipeline(
+        pipeline, steering = self._with_controlnet(settings)
+        latents = pipeline(
+            **steering,
             prompt=list(prompts),
             negative_prompt=[settings.negative_prompt] * len(prompts) if settings.negative_prompt else None,
             width=settings.width,
