@@ -44,7 +44,7 @@ def train(mode: str, seed: int, steps: int, root: Path, transparent_vae: str, ba
                  f"--trainer.val_check_interval={steps}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
                  "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "--trainer.limit_val_batches=16",
                  f"--model.init_args.attention_sharing={mode}", f"--model.init_args.transparent_vae={transparent_vae}",
-                 f"--model.init_args.base_unet={base_unet}"]
+                 f"--model.init_args.base_unet={base_unet}", "--model.init_args.modes=null"]  # joint only, as measured
     cli = LayerdiffCLI(args=arguments, run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     validation = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]

@@ -133,12 +133,16 @@ def train_joint_layers(transparent_vae: str, diffusion_checkpoint: str, override
                                 f"--model.init_args.base_unet={base_unet}"] + overrides
     before, after, stage = fit_between_validations(arguments)
     layers = [key.removeprefix("val/loss_") for key in after if key.startswith("val/loss_")]
+    modes = sorted({key.split("/")[1] for key in after if key.count("/") == 2})
     return {
         **stage,
         "base_unet": str(base_unet),
         "val_loss_before": before["val/loss"],
         "val_loss_after": after["val/loss"],
         "per_layer": {layer: [before[f"val/loss_{layer}"], after[f"val/loss_{layer}"]] for layer in layers},
+        # each mode's held-out loss of each layer it generates, before and after: what a given layer buys
+        "per_mode": {mode: {key.split("/")[2]: [before[key], after[key]] for key in after
+                            if key.startswith(f"val/{mode}/loss_")} for mode in modes},
     }
 
 
@@ -147,6 +151,49 @@ def generate_layers(joint: dict, transparent_vae: str, overrides: list[str]) -> 
                  f"--model.init_args.base_unet={joint['base_unet']}"]
     cli = LayerdiffCLI(args=[*arguments, *overrides, f"--ckpt_path={joint['checkpoint']}"])
     return str(Path(cli.trainer.default_root_dir) / "generated")
+
+
+def held_out_layers(joint: dict) -> dict[str, str]:
+    """The first held-out demo triplet's foreground (RGBA) and background as PNG files: the
+    conditional steps' inputs, images the model never trained on."""
+    from PIL import Image
+
+    from data.schema import decode_sample
+    from data.shards import iter_shard_samples
+    from data.spec import resolve_shards
+
+    def refuse(error):
+        raise error
+
+    members = next(iter_shard_samples(resolve_shards("embedded:openmoji-demo-64/val"), refuse))
+    sample = decode_sample(members, decode_layers=True)
+    folder = Path(joint["root"]) / "given"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"foreground": folder / "foreground.png", "background": folder / "background.png"}
+    Image.fromarray(sample.foreground, "RGBA").save(paths["foreground"])
+    Image.fromarray(sample.background, "RGB").save(paths["background"])
+    return {name: str(path) for name, path in paths.items()} | {"foreground_caption": sample.caption,
+                                                                  "background_caption": sample.background_caption}
+
+
+def generate_conditional(joint: dict, transparent_vae: str, overrides: list[str]) -> dict[str, str]:
+    """LD sec. 3.3 and 4.3 with the joint stage's model: backgrounds generated around a held-out
+    foreground, and a composition of three foregrounds over a held-out background, layer by layer."""
+    given = held_out_layers(joint)
+    base = ["predict", *JOINT_RECIPE, *JOINT_PREDICT_OVERLAY, f"--model.init_args.transparent_vae={transparent_vae}",
+            f"--model.init_args.base_unet={joint['base_unet']}", f"--ckpt_path={joint['checkpoint']}"]
+    around = Path(joint["root"]) / "given_foreground"
+    LayerdiffCLI(args=[*base, *overrides, f"--trainer.default_root_dir={around}",
+                       f"--data.init_args.given_layers={{foreground: {given['foreground']}}}",
+                       "--data.init_args.layer_prompts=[{background: a photo of a garden, blend: "
+                       f"{given['foreground_caption']} in front of a photo of a garden}}]",
+                       "--data.init_args.images_per_prompt=4"])
+    composed = Path(joint["root"]) / "composition"
+    LayerdiffCLI(args=[*base, *overrides, f"--trainer.default_root_dir={composed}", "--data.init_args.layer_prompts=null",
+                       "--data.init_args.compositions=[{background: " + given["background_caption"] + ", background_image: "
+                       + given["background"] + ", foregrounds: [an emoji of a red apple, an emoji of a rocket, "
+                       "an emoji of a cat face]}]", "--data.init_args.images_per_prompt=2"])
+    return {"given": given, "given_foreground": str(around / "generated"), "composition": str(composed / "generated")}
 
 
 def train_diffumatting(overrides: list[str]) -> dict:
@@ -230,6 +277,7 @@ def run_demo(overrides: list[str]) -> int:
     predictions = generate(vae["export"], diffusion["checkpoint"], diffusion_overrides)
     joint = train_joint_layers(vae["export"], diffusion["checkpoint"], joint_overrides)
     layer_sets = generate_layers(joint, vae["export"], joint_overrides)
+    conditional = generate_conditional(joint, vae["export"], joint_overrides)
     matting = train_diffumatting(matting_overrides)
     green_screens = generate_green_screens(matting, matting_overrides)
     summary = {
@@ -238,6 +286,7 @@ def run_demo(overrides: list[str]) -> int:
         "predictions": predictions,
         "joint_layers": joint,
         "layer_sets": layer_sets,
+        "conditional": conditional,
         "diffumatting": matting,
         "green_screens": green_screens,
         "seconds": round(time.perf_counter() - started, 1),
@@ -264,6 +313,10 @@ def run_demo(overrides: list[str]) -> int:
     print(f"   held-out loss (eq. 9)  before {joint['val_loss_before']:.4f}  after {joint['val_loss_after']:.4f}; per layer "
           + ", ".join(f"{name} {pair[0]:.3f} -> {pair[1]:.3f}" for name, pair in joint["per_layer"].items()))
     print(f"   layer sets: {layer_sets} (each layer as PNG, a layered .psd, previews, contact_sheet.png)")
+    for mode, terms in joint["per_mode"].items():
+        print(f"   mode {mode}: " + ", ".join(f"{name} {pair[0]:.3f} -> {pair[1]:.3f}" for name, pair in terms.items()))
+    print(f"   backgrounds for a held-out foreground: {conditional['given_foreground']}; a composition of three "
+          f"foregrounds over a held-out background, layer by layer: {conditional['composition']}")
     print("5. DiffuMatting (objects on a green screen; green-background and boundary losses)")
     print(f"   held-out loss  before {matting['val_loss_before']:.4f}  after {matting['val_loss_after']:.4f}; per term "
           + ", ".join(f"{name} {pair[0]:.3f} -> {pair[1]:.3f}" for name, pair in matting["terms"].items()))

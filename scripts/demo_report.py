@@ -78,13 +78,24 @@ def write_demo_report(summary: dict, directory: Path) -> Path:
         joint = summary["joint_layers"]
         per_layer = {f"held-out loss {layer}": f"{losses[0]:.4g} \u2192 {losses[1]:.4g}"
                      for layer, losses in joint["per_layer"].items()}
+        per_mode = {f"{mode}: {layer}": f"{losses[0]:.4g} \u2192 {losses[1]:.4g}"
+                    for mode, terms in joint.get("per_mode", {}).items() for layer, losses in terms.items()}
+        conditional = summary.get("conditional")
+        extra = [] if conditional is None else [
+            Picture(Path(conditional["given_foreground"]) / "contact_sheet.png",
+                    "backgrounds (and blends) generated for a held-out foreground"),
+            Picture(Path(conditional["composition"]) / "contact_sheet.png",
+                    "three foregrounds composed one by one over a held-out background (layers, then the blend)")]
         sections.append(Section(
-            "4. Joint layers (foreground, background, blend)",
-            "Each row: the layers (transparent ones on a checkerboard), then composited top over bottom.",
+            "4. Joint and conditional layers (foreground, background, blend)",
+            "Each row: the layers (transparent ones on a checkerboard), then composited top over bottom. The model "
+            "trains jointly and with one layer given (held-out loss per mode: a given layer should lower the others'); "
+            "then it generates backgrounds around a given foreground and composes layers one by one.",
             {"held-out loss before": joint["val_loss_before"], "held-out loss after": joint["val_loss_after"], **per_layer,
-             "training steps": joint["steps"]},
+             **per_mode, "training steps": joint["steps"]},
             pair(*before_and_after(Path(joint["root"]) / "samples", "step_", joint["steps"]), "step_", "layer samples")
-            + [Picture(Path(summary["layer_sets"]) / "contact_sheet.png", f"contact sheet of {summary['layer_sets']}")],
+            + [Picture(Path(summary["layer_sets"]) / "contact_sheet.png", f"contact sheet of {summary['layer_sets']}")]
+            + extra,
             curves(joint["root"]),
         ))  # fmt: skip
     if "diffumatting" in summary:

@@ -96,9 +96,30 @@ def test_the_diffumatting_ablation_trains_each_variant_and_scores_the_redrawn_co
                "--data.init_args.batch_size=4"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| model")]
-    names = [row.split("|")[1].strip() for row in rows if not row.startswith("| ---")]
-    assert names == ["untrained base", "both losses", "no green-background loss", "no boundary loss"]
-    for row in rows[1:]:
+    tables = [[line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| ---")][1:]
+              for block in result.stdout.split("\n\n") if block.startswith("| ")]
+    models, mattes = tables
+    assert [row.split("|")[1].strip() for row in models] == ["untrained base", "both losses",
+                                                            "no green-background loss", "no boundary loss"]
+    for row in models:
         purity, *errors = (float(cell) for cell in row.split("|")[2:7])
         assert 0.0 <= purity <= 1.0 and all(error >= 0.0 for error in errors)
+    assert [row.split("|")[1].strip() for row in mattes] == ["chroma key", "chroma key + GreenPost", "matting head",
+                                                            "matting head + GreenPost"]
+    assert "Community LoRA" in result.stdout and "at weight 1.0" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_conditional_layers_benchmark_compares_modes_samplers_and_composition(tiny_sdxl, tiny_transparent_vae):
+    command = [sys.executable, "-m", "benchmarks.conditional_layers", "--steps", "1", "--triplets", "1", "--val-batches", "1",
+               "--sample-steps", "2", "--transparent-vae", str(tiny_transparent_vae), "--base-unet", str(tiny_sdxl / "unet")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    modes = [line.split("|")[1:3] for line in result.stdout.splitlines() if line.startswith(("| mixed", "| joint only"))]
+    assert [(model.strip(), mode.strip()) for model, mode in modes] == [
+        ("mixed modes", "given_background"), ("mixed modes", "given_foreground"), ("mixed modes", "joint"),
+        ("joint only", "joint")]
+    samplers = [line.split("|")[1].strip() for line in result.stdout.splitlines()
+                if line.startswith("| ") and line.split("|")[1].strip() in ("euler", "euler_a", "dpm++", "dpm++_karras", "ddim")]
+    assert samplers == ["euler", "euler_a", "dpm++", "dpm++_karras", "ddim"]
+    assert "changed by at most 0.0 8-bit levels" in result.stdout

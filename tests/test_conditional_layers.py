@@ -198,3 +198,27 @@ def test_composing_three_layers_leaves_each_earlier_layer_untouched_and_blends_e
     assert names[::-1] == ["blend (generated)", "foreground_3", "foreground_2", "foreground_1", "background"]
     merged = np.asarray(psd.composite().convert("RGB"), np.float32) / 255.0
     assert np.abs(merged - first.layers["blend"].permute(1, 2, 0).numpy()).max() <= 2.5 / 255
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpm++", "ddim"])
+def test_redrawing_from_a_start_image_stays_near_it_at_low_strength(mixture, batch, scheduler):
+    """SDEdit on layers: at a small strength the result is close to the start, at 1 it is not."""
+    from layerdiff.models import codec
+
+    settings = GenerationSettings(width=64, height=64, steps=10, guidance_scale=1.0, scheduler=scheduler)
+    background = batch.layer("background").pixels[:1]
+    prompts = [{"background": batch.layer("background").caption[0]}]
+    given = {"foreground": batch.layer("foreground").pixels[0]}
+    with torch.no_grad():
+        truth = codec.layer_latent(mixture.vae, None, background, None)
+
+    def distance(strength: float) -> float:
+        made = mixture.layer_generator()(LayerPromptBatch([0], prompts, [0], settings), given_pixels=given,
+                                         start_pixels={"background": background}, strength=strength)[0]
+        with torch.no_grad():
+            latent = codec.layer_latent(mixture.vae, None, made.layers["background"][None], None)
+        return float((latent - truth).square().mean())
+
+    assert distance(0.1) < 0.5 * distance(1.0)
+    with pytest.raises(ValueError, match="start image"):
+        mixture.layer_generator()(LayerPromptBatch([0], prompts, [0], settings), given_pixels=given, strength=0.5)

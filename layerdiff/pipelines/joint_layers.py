@@ -201,10 +201,13 @@ class JointLayerGenerator:
         return prepared
 
     @torch.no_grad()
-    def __call__(self, batch: LayerPromptBatch, given_pixels: dict[str, torch.Tensor] | None = None) -> list[GeneratedLayers]:
+    def __call__(self, batch: LayerPromptBatch, given_pixels: dict[str, torch.Tensor] | None = None,
+                 start_pixels: dict[str, torch.Tensor] | None = None, strength: float = 1.0) -> list[GeneratedLayers]:
         """One layer set per ``(prompts, seed)``; a layer without a prompt gets the empty one.
         ``given_pixels`` gives layers as images in memory (``[3 or 4, H, W]`` in [0, 1], the
-        generation size), as ``batch.given`` does from files."""
+        generation size), as ``batch.given`` does from files. With ``strength < 1`` the generated
+        layers start from ``start_pixels`` (``[B, 3 or 4, H, W]`` per layer) noised to that share of
+        the schedule and are redrawn from there (SDEdit, Meng et al. 2022)."""
         given_pixels = dict(given_pixels or {})
         batch = replace(batch, given={**batch.given, **{name: "<in memory>" for name in given_pixels}})
         self._check(batch)
@@ -243,13 +246,23 @@ class JointLayerGenerator:
         scheduler = make_scheduler(settings.scheduler, self.scheduler_config)
         scheduler.set_timesteps(settings.steps, device=device)
         latents = torch.cat([layer_noise(seed, count, shape) for seed in batch.seeds]).to(device, dtype)
-        latents = torch.where(given_rows[:, None, None, None], clean, latents * scheduler.init_noise_sigma)
+        timesteps = scheduler.timesteps
+        if strength < 1.0:
+            first = min(round(settings.steps * (1.0 - strength)), settings.steps - 1)
+            timesteps = timesteps[first:]
+            if hasattr(scheduler, "set_begin_index"):  # sigma-indexed samplers; DDIM reads the timestep itself
+                scheduler.set_begin_index(first)
+            latents = scheduler.add_noise(self._start_latents(start_pixels or {}, given, samples), latents,
+                                          timesteps[:1].expand(len(latents)))
+        else:
+            latents = latents * scheduler.init_noise_sigma
+        latents = torch.where(given_rows[:, None, None, None], clean, latents)
         # Ancestral samplers draw fresh noise each step: from per-row generators, so a sample
         # depends on its own seed only.
         step_generators = [torch.Generator().manual_seed(int(seed) * 1009 + 1 + layer)
                            for seed in batch.seeds for layer in range(count)]
         scales = scales.to(device, dtype)[:, None, None, None]
-        for timestep in scheduler.timesteps:
+        for timestep in timesteps:
             model_input = torch.cat([latents, latents]) if guided else latents
             model_input = scheduler.scale_model_input(model_input, timestep)
             model_input, row_timesteps = self._with_given(model_input, timestep, clean, mask, guided)
@@ -279,6 +292,20 @@ class JointLayerGenerator:
             image = given[name][0].to(self.vae.device, self.vae.dtype)[None]
             latents.append(codec.condition_latent(self.vae, image[:, :3], image[:, 3:] if image.shape[1] == 4 else None))
         return torch.cat(latents, dim=1).expand(rows, -1, -1, -1).to(self.unet.dtype)
+
+    def _start_latents(self, pixels: dict[str, torch.Tensor], given: dict, samples: int) -> torch.Tensor:
+        """Every layer's latent to redraw from, ``[B * L, 4, h, w]`` (a given layer's is replaced later)."""
+        latents = []
+        for name in self.layers:
+            if name in given:
+                latents.append(given[name][1].expand(samples, -1, -1, -1))
+                continue
+            if name not in pixels:
+                raise ValueError(f"redrawing (strength < 1) needs every generated layer's start image; {name!r} has none")
+            image = pixels[name].to(self.vae.device, self.vae.dtype)
+            alpha = image[:, 3:] if name in self.transparent_layers else None
+            latents.append(codec.layer_latent(self.vae, self.transparent_encoder, image[:, :3], alpha))
+        return torch.stack(latents, dim=1).flatten(0, 1).to(self.unet.dtype)
 
     def _controlnet(self, settings: GenerationSettings, samples: int, guided: bool, given: dict) -> tuple | None:
         """The ControlNet, its image, scale and the UNet rows it steers (one layer, both guidance halves)."""
