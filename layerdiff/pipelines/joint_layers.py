@@ -217,19 +217,8 @@ class JointLayerGenerator:
         count, samples, device, dtype = len(self.layers), len(batch), self.unet.device, self.unet.dtype
         shape = (LATENT_CHANNELS, settings.height // self.vae_scale_factor, settings.width // self.vae_scale_factor)
 
-        texts = [prompts.get(name, "") for prompts in batch.prompts for name in self.layers]  # (b l)
-        conditional = self._prompts(texts)
-        # a given layer is the same condition in both branches: its own prompt in the unconditional one too
-        unconditional = self._prompts([prompts.get(name, "") if name in batch.given else settings.negative_prompt
-                                       for prompts in batch.prompts for name in self.layers])
-        scales = torch.tensor([batch.guidance.get(name, settings.guidance_scale) for name in self.layers] * samples)
-        guided = bool((scales != 1.0).any())
-        prompts = (PromptEmbeddings(torch.cat([unconditional.hidden, conditional.hidden]),
-                                    None if conditional.pooled is None else torch.cat([unconditional.pooled, conditional.pooled]))
-                   if guided else conditional)
+        prompts, added, scales, guided = self._embeddings(batch, settings)
         rows = prompts.hidden.shape[0]
-        sizes = torch.tensor([[settings.height, settings.width]] * rows, device=device)
-        added = self.conditioning.added_conditions(prompts, sizes, torch.zeros_like(sizes), (settings.height, settings.width))
 
         given = self._given_latents({name: path for name, path in batch.given.items() if name not in given_pixels}, settings)
         given.update(self._latents_of_pixels({name: _fit(image, settings) for name, image in given_pixels.items()}))
@@ -282,6 +271,23 @@ class JointLayerGenerator:
             latents = scheduler.step(prediction, timestep, latents, generator=step_generators).prev_sample
             latents = torch.where(given_rows[:, None, None, None], clean, latents)  # a given layer never moves
         return self._decode(latents.unflatten(0, (samples, count)), batch, settings, given)
+
+    def _embeddings(self, batch: LayerPromptBatch, settings: GenerationSettings):
+        """Each row's prompt embeddings (``(b l)``, the unconditional half first when guided), SDXL's
+        added conditions, the guidance scale per row and whether to guide."""
+        texts = [prompts.get(name, "") for prompts in batch.prompts for name in self.layers]  # (b l)
+        conditional = self._prompts(texts)
+        # a given layer is the same condition in both branches: its own prompt in the unconditional one too
+        unconditional = self._prompts([prompts.get(name, "") if name in batch.given else settings.negative_prompt
+                                       for prompts in batch.prompts for name in self.layers])
+        scales = torch.tensor([batch.guidance.get(name, settings.guidance_scale) for name in self.layers] * len(batch))
+        guided = bool((scales != 1.0).any())
+        prompts = (PromptEmbeddings(torch.cat([unconditional.hidden, conditional.hidden]),
+                                    None if conditional.pooled is None else torch.cat([unconditional.pooled, conditional.pooled]))
+                   if guided else conditional)
+        sizes = torch.tensor([[settings.height, settings.width]] * prompts.hidden.shape[0], device=self.unet.device)
+        added = self.conditioning.added_conditions(prompts, sizes, torch.zeros_like(sizes), (settings.height, settings.width))
+        return prompts, added, scales, guided
 
     def _condition_channels(self, given: dict[str, tuple[torch.Tensor, ...]], rows: int) -> torch.Tensor | None:
         """The concat conditions' latents (``codec.condition_latent``, as training's), for every UNet row alike."""
