@@ -30,12 +30,16 @@ import sys
 import time
 from pathlib import Path
 
-from demo_report import add_metrics_logger, write_demo_report
-from lightning.pytorch.loggers import WandbLogger
+from layerdiff.cli import quiet_console
 
-from layerdiff.export import main as export_main
-from layerdiff.formats.layerdiffuse_vae import save_transparent_vae
-from train import LayerdiffCLI
+quiet_console()  # before the imports below bring in diffusers and transformers, which talk on import
+
+from demo_report import add_metrics_logger, write_demo_report  # noqa: E402
+from lightning.pytorch.loggers import WandbLogger  # noqa: E402
+
+from layerdiff.export import main as export_main  # noqa: E402
+from layerdiff.formats.layerdiffuse_vae import save_transparent_vae  # noqa: E402
+from train import LayerdiffCLI  # noqa: E402
 
 VAE_RECIPE = ["-c", "configs/transparent_vae.yaml", "-c", "configs/demo/transparent_vae.yaml"]
 DIFFUSION_RECIPE = ["-c", "configs/latent_diffusion.yaml", "-c", "configs/demo/latent_diffusion.yaml"]

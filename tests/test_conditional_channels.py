@@ -124,6 +124,11 @@ def test_the_export_is_the_released_fg2ble_file_and_loads_back_into_the_base(par
     expected.conv_in.load_state_dict(module.unet.conv_in.state_dict())
     for key, tensor in expected.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], tensor, atol=1e-6, rtol=1e-5)
+    # the released file starts a new model: its frozen base carries the delta
+    restarted = fg2ble(parts, init_from=str(path))
+    torch.testing.assert_close(restarted.unet.conv_in.weight, expected.conv_in.weight, atol=1e-6, rtol=1e-5)
+    attention = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    torch.testing.assert_close(restarted.unet.state_dict()[attention], expected.state_dict()[attention], atol=1e-6, rtol=1e-5)
 
 
 def test_an_sd15_control_model_trains_reads_its_condition_and_exports_the_released_fg2bg_file(tiny_sd15,
@@ -171,3 +176,11 @@ def test_an_sd15_control_model_trains_reads_its_condition_and_exports_the_releas
                               ["background", "blend"])
     for key, tensor in module.control_encoder.state_dict().items():
         assert torch.equal(encoder.state_dict()[key], tensor)
+    restarted = JointLayerLoRAModule(base_model=str(sd15), transparent_vae=str(transparent_vae),
+                                     layers=["background", "blend"], transparent_layers=[], control_layer="foreground",
+                                     attention_sharing="frame", lora_rank=4,
+                                     init_from=str(tmp_path / "export" / "layer_sd15_fg2bg.safetensors"))
+    for key, tensor in module.control_encoder.state_dict().items():
+        assert torch.equal(restarted.control_encoder.state_dict()[key], tensor)
+    control = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.control_convs.1.2.weight"
+    assert torch.equal(restarted.unet.state_dict()[control], module.unet.state_dict()[control])
