@@ -132,8 +132,9 @@ class AestheticFilter(ScoreFilter):
         super().__init__(threshold)
         self.clip = clip
         self.head = load_aesthetic_head(head_path)
-        if self.head[0].in_features != clip.width:
-            raise ValueError(f"the aesthetic head {head_path} takes {self.head[0].in_features}-wide embeddings, the CLIP "
+        width = next(layer for layer in self.head if isinstance(layer, torch.nn.Linear)).in_features
+        if width != clip.width:
+            raise ValueError(f"the aesthetic head {head_path} takes {width}-wide embeddings, the CLIP "
                              f"model gives {clip.width}. Fix: give the CLIP model the head was trained on "
                              "(ViT-L/14, 768, for the LAION predictor)")
 
@@ -303,11 +304,12 @@ def filter_shards(
     batch_size: int = 16,
     samples_per_shard: int = 1000,
     examples: int = 20,
-    progress: Callable[[str], None] = lambda line: None,
 ) -> FilterReport:
     """Run ``steps`` (``build_steps``) over every sample of the image ``shards`` and write the
     survivors to shards in ``out_dir``, then ``filter_report.json`` beside them."""
     out = Path(out_dir)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if any(out.resolve() == Path(shard).resolve().parent for shard in shards):
         raise ValueError(f"output folder {out} holds input shards, which writing would replace; pick another folder")
     report = FilterReport()
@@ -322,7 +324,6 @@ def filter_shards(
             for candidate in batch:
                 writer.write(candidate.finished())
             report.written += len(batch)
-            progress(f"read {report.read}, wrote {report.written}")
         for step in steps:
             if isinstance(step, CaptionStep):
                 report.captions = {"written": step.written, "kept": step.kept, "empty": step.empty}
