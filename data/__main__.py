@@ -1,4 +1,4 @@
-"""Command-line tools for layerdiff shards: ``python -m data {write,validate,demo,cache-latents} --help``."""
+"""Command-line tools for layerdiff shards: ``python -m data {write,validate,filter,demo,cache-latents} --help``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ Tools for layerdiff's webdataset shards (schema: data/schema.py).
             sources (NAME.fg.png + NAME.bg.png, layered .psd files) or a matting data
             set (image or foreground folder + alpha folder), into shards
   validate  read every sample of some shards, check the schema, print statistics
+  filter    drop samples (alpha, aesthetic, CLIP score, near-duplicates), caption them
+            with a local model, record every score in the samples' metadata
   demo      build demo shards from OpenMoji emoji over scikit-image photos (offline)
   cache-latents
             turn image shards into cached shards (adjusted latents, optionally text
@@ -65,6 +67,30 @@ a matte of another size and unreadable files are dropped and reported with the f
 the fix.
 """
 
+FILTER_DESCRIPTION = """\
+Read the image shards SRC and write the samples that pass the chosen filters to OUT, with
+every score recorded in the sample's JSON (scores: {name: value}). Steps run in this order,
+whatever the order of --filter (details in data/filters.py):
+
+  alpha      LayerDiffusion sec. 3.4: no transparent pixel or no visible pixel is dropped
+             (the writer's own check); records the visible fraction as scores.alpha
+  aesthetic  the LAION aesthetic predictor (--aesthetic-head) on the CLIP image embedding
+             (--clip-model); drops scores under --threshold aesthetic=MIN
+  caption    with --caption-model: a local image-text-to-text model writes txt (the
+             foreground caption; --keep-captions keeps non-empty ones) and captioned_by;
+             asked to describe the object in one short sentence (--caption-prompt)
+  clip       CLIP score: cosine similarity of the image and caption embeddings; drops
+             scores under --threshold clip=MIN (and, then, empty captions)
+  dedup      near-duplicates: 64-bit dHash of the foreground over grey, cropped to its
+             visible pixels; a sample within --threshold dedup=BITS (default 4) of a kept
+             one is dropped, naming it; records scores.dhash
+
+Models load from local paths only; nothing is downloaded. Corrupt members are dropped and
+reported; a sample with a bad sampling_weight stops the run with its shard and key. Shards
+are written atomically, then OUT/filter_report.json: counts per step and examples with
+shard, key and why. Exit status 1 when nothing is left, 2 on bad arguments.
+"""
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
@@ -100,6 +126,29 @@ def _validate(args: argparse.Namespace) -> int:
     report = validate_shards(urls)
     print(report.format(listed=args.list))
     return 0 if report.ok else 1
+
+
+def _filter(args: argparse.Namespace) -> int:
+    from data.captions import DEFAULT_PROMPT, Captioner
+    from data.filters import build_steps, filter_shards, parse_thresholds
+    from data.spec import resolve_shards
+
+    names = [name.strip() for item in args.filter for name in item.split(",") if name.strip()]
+    thresholds = parse_thresholds(args.threshold, names)
+    shards = resolve_shards(args.shards)
+    captioner = None
+    if args.caption_model:
+        captioner = Captioner(args.caption_model, prompt=args.caption_prompt or DEFAULT_PROMPT,
+                              max_new_tokens=args.max_new_tokens, device=args.device, batch_size=args.batch_size)
+    steps = build_steps(names, thresholds, clip_model=args.clip_model, aesthetic_head=args.aesthetic_head,
+                        captioner=captioner, keep_captions=args.keep_captions, device=args.device)
+    started = time.perf_counter()
+    report = filter_shards(shards, args.out_dir, steps, batch_size=args.batch_size,
+                           samples_per_shard=args.samples_per_shard, examples=args.examples)
+    print(report.summary())
+    print(f"{args.out_dir}: {report.written} samples in {time.perf_counter() - started:.1f} s; "
+          f"every drop with shard and key (up to {args.examples} per step) in {args.out_dir}/filter_report.json")
+    return 0 if report.written else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -179,6 +228,33 @@ def _parser() -> argparse.ArgumentParser:
                           "out/shard-{000000..000003}.tar, globs, or embedded:openmoji-demo-64/train")
     validate.add_argument("--list", type=int, default=20, help="problems listed per kind (default 20)")
     validate.set_defaults(run=_validate)
+
+    filtering = commands.add_parser(
+        "filter", help="drop samples by alpha, aesthetic score, CLIP score and near-duplicates; caption them",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=FILTER_DESCRIPTION,
+    )
+    filtering.add_argument("shards", metavar="SRC", help="image shards spec: a directory, .tar file, brace pattern, "
+                           "glob, comma-separated list, or embedded:openmoji-demo-64/train")
+    filtering.add_argument("out_dir", metavar="OUT", help="folder for the filtered shards, index.json and "
+                           "filter_report.json (not the folder of SRC)")
+    filtering.add_argument("--filter", action="append", default=[], metavar="NAME",
+                           help="alpha, aesthetic, clip or dedup; repeat it or separate with commas")
+    filtering.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                           help="aesthetic=MIN_SCORE, clip=MIN_COSINE, dedup=MAX_DIFFERING_BITS (default 4 of 64); "
+                           "aesthetic and clip without one only record their scores")
+    filtering.add_argument("--clip-model", metavar="DIR", help="local transformers CLIP folder (aesthetic, clip)")
+    filtering.add_argument("--aesthetic-head", metavar="FILE", help="the aesthetic predictor's weights, .pth or "
+                           ".safetensors (e.g. LAION's sac+logos+ava1-l14-linearMSE.pth over ViT-L/14)")
+    filtering.add_argument("--caption-model", metavar="DIR", help="local image-text-to-text model folder (LLaVA-class): "
+                           "writes each sample's caption (txt)")
+    filtering.add_argument("--caption-prompt", help="what the captioner is asked (default: data.captions.DEFAULT_PROMPT)")
+    filtering.add_argument("--keep-captions", action="store_true", help="caption only samples whose caption is empty")
+    filtering.add_argument("--max-new-tokens", type=int, default=60, help="longest caption in tokens (default 60)")
+    filtering.add_argument("--batch-size", type=int, default=16, help="samples scored at once (default 16)")
+    filtering.add_argument("--samples-per-shard", type=int, default=1000, help="samples per output shard (default 1000)")
+    filtering.add_argument("--examples", type=int, default=20, help="dropped samples listed per step (default 20)")
+    filtering.add_argument("--device", default="cpu", help="torch device of the models (default cpu)")
+    filtering.set_defaults(run=_filter)
 
     demo = commands.add_parser(
         "demo", help="build demo shards from OpenMoji emoji and scikit-image photos",

@@ -66,6 +66,11 @@ class ShardDataModule(pl.LightningDataModule):
             objectives); samples without them raise ``SchemaError``.
         max_corrupt_fraction: Stop with ``TooManyCorruptMembersError`` when more
             than this fraction of the samples a worker reads are corrupt.
+        ignore_sampling_weights: Draw every training sample once per epoch, whatever its
+            ``sampling_weight``. By default a sample of weight ``w`` comes ``floor(w)`` times per
+            epoch and once more with probability ``frac(w)`` (0 leaves it out; ``data.schema``),
+            as LayerDiffusion sec. 3.4 draws a new round's samples twice as often. Validation
+            is never weighted.
         sample_transform: Applied to every decoded sample (``LayerSample`` or
             ``CachedSample``) in the worker, training and validation alike, before
             batching, e.g. ``data.transforms.OverSolidColour``. It must be picklable and a
@@ -84,6 +89,7 @@ class ShardDataModule(pl.LightningDataModule):
         resample: bool = False,
         require_layers: bool = False,
         max_corrupt_fraction: float = 0.01,
+        ignore_sampling_weights: bool = False,
         sample_transform: SampleTransform | None = None,
     ):
         super().__init__()
@@ -110,6 +116,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.resample = resample
         self.require_layers = require_layers
         self.max_corrupt_fraction = max_corrupt_fraction
+        self.ignore_sampling_weights = ignore_sampling_weights
         self.sample_transform = sample_transform
         self._train_urls: list[str] | None = None
         self._val_urls: list[str] | None = None
@@ -236,6 +243,7 @@ class ShardDataModule(pl.LightningDataModule):
             max_corrupt_fraction=self.max_corrupt_fraction,
             kind=kind,
             track_position=training,
+            weighted=training and not self.ignore_sampling_weights,
             transform=self.sample_transform,
             batch_transform=self._batch_transform(),
         )

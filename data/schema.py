@@ -25,6 +25,11 @@ keep them to ``[A-Za-z0-9_-]``. One sample per key, with these fields:
     * ``source``: where the sample came from (file path relative to the input
       folder, or a demo id such as ``openmoji:1F600``);
     * ``license``, ``attribution``: present when the source requires them;
+    * ``sampling_weight`` (optional, default 1.0): how often a training stream draws the sample
+      per epoch (0 drops it, 2 twice, 0.5 half the epochs; LayerDiffusion sec. 3.4's rounds);
+      read with ``sampling_weight``, any other value than a finite number >= 0 is a schema mismatch;
+    * ``scores`` (optional): ``{filter name: value}`` recorded by ``python -m data filter``
+      (``data.filters``), ``captioned_by``: the model folder that wrote ``txt`` (``data.captions``);
     * any further fields are free-form provenance and are ignored by readers.
 ``bg.png``, ``blend.png`` (optional, together)
     Multi-layer samples (LayerDiffusion sec. 3.3): an 8-bit RGB background the
@@ -58,6 +63,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -83,6 +89,8 @@ PROMPT_POOLED = "prompt_pooled.npy"
 CACHED_FIELDS = (LATENT, PROMPT_HIDDEN, PROMPT_POOLED)
 
 REQUIRED_METADATA = ("width", "height", "original_size", "crop_top_left")
+SAMPLING_WEIGHT = "sampling_weight"
+SCORES = "scores"
 _SAMPLE_METADATA = REQUIRED_METADATA + ("alpha_coverage", "source", "license", "attribution")
 
 # Larger images are damage (or a decompression bomb), never decoded: 8192 x 8192 is 256 MiB as RGBA.
@@ -362,6 +370,16 @@ def decode_metadata(members: Mapping[str, Any], url: str | None, key: str | None
         problem = f"width and height must be positive integers of at most {MAX_PIXELS} pixels, got {width!r}x{height!r}"
         raise corrupt_member(url, key, METADATA, problem)
     return metadata
+
+
+def sampling_weight(metadata: Mapping[str, Any], url: str | None, key: str | None) -> float:
+    """The sample's ``sampling_weight`` (1.0 when absent); ``SchemaError`` unless a finite number >= 0."""
+    weight = metadata.get(SAMPLING_WEIGHT, 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise schema_error(url, key, METADATA, f"{SAMPLING_WEIGHT} must be a finite number >= 0, got {weight!r}",
+                           "write a number (0 drops the sample, 2 draws it twice per epoch) or leave the field out, "
+                           "or train with `ignore_sampling_weights: true`")
+    return float(weight)
 
 
 def _is_int(value: Any) -> bool:

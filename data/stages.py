@@ -1,8 +1,9 @@
 """The stateful stages of a worker's sample stream, each able to say where it stands and to go back there.
 
-A worker's pipeline (``data.stream``) has three stateful stages: the shard cursor (which shard,
-how far into it), the shuffle buffer (its samples and its random generator) and the size
-buckets; a ``CorruptTracker`` counts what it read and skipped. After every batch the worker
+A worker's pipeline (``data.stream``) has four stateful stages: the shard cursor (which shard,
+how far into it), the weighted repeats (the copies of the last sample still to come), the
+shuffle buffer (its samples and its random generator) and the size buckets; a
+``CorruptTracker`` counts what it read and skipped. After every batch the worker
 records their state (the stream position, which travels beside the batch); a checkpoint
 stores the position of the last batch training consumed from each worker. Samples held in the
 buffer and buckets are recorded by reference (shard, key) and read again on restore, so a
@@ -12,6 +13,9 @@ the epoch the run was.
 
 from __future__ import annotations
 
+import hashlib
+import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -173,6 +177,12 @@ class ShardCursor:
         if self.draw is not None:
             self.draw.bit_generator.state = state["draw"]
 
+    @property
+    def draw_number(self) -> int:
+        """Which draw of the current shard this is: its place in an endless resampled sequence, else 0
+        (a sequence that holds each shard once, so that draws keyed by it do not depend on the workers)."""
+        return self.shard_index if self.draw is not None else 0
+
     def _next_url(self) -> str | None:
         if self._skip:  # restored in the middle of a shard: finish that one first
             return self.url
@@ -192,6 +202,61 @@ class ShardCursor:
                 self.read_total += 1
                 if self.keep is None or (self.read_total - 1) % self.keep[1] == self.keep[0]:
                     yield members
+
+
+def unit_draw(*parts: object) -> float:
+    """A number in [0, 1) that is a fixed, uniformly spread function of ``parts`` (a seeded draw
+    that needs no generator, so no state to save: a resumed stream draws it again alike)."""
+    digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+class WeightedRepeats:
+    """Each sample of a ``ShardCursor`` ``floor(w)`` times in a row and once more with probability
+    ``frac(w)``, ``w = weight_of(members)``: ``w`` copies per epoch on average, 0 drops it.
+
+    The extra copy is drawn from (seed, epoch, the shard's draw number and file name, key) by
+    ``unit_draw``. The state is the copies of the cursor's last sample still to come: the cursor
+    has passed that sample, and downstream stages (a shuffle buffer, the buckets) hold its earlier
+    copies by reference, each copy once.
+    """
+
+    def __init__(self, weight_of: Callable[[dict[str, Any]], float], seed: int, epoch: int):
+        self.weight_of = weight_of
+        self.seed = seed
+        self.epoch = epoch
+        self.pending: dict[str, Any] | None = None
+        self.left = 0
+
+    def copies(self, members: dict[str, Any], draw_number: int) -> int:
+        weight = self.weight_of(members)
+        whole = math.floor(weight)
+        if weight == whole:
+            return whole
+        where = (self.seed, self.epoch, draw_number, os.path.basename(members["__url__"]), members["__key__"])
+        return whole + (unit_draw(*where) < weight - whole)
+
+    def state(self) -> dict[str, Any]:
+        return {"pending": list(_ref(self.pending)) if self.left else None, "left": self.left}
+
+    @staticmethod
+    def refs(state: dict[str, Any] | None) -> list[SampleRef]:
+        return [tuple(state["pending"])] if state is not None and state["pending"] is not None else []
+
+    def restore(self, state: dict[str, Any] | None, pending: dict[str, Any] | None) -> None:
+        self.pending, self.left = (pending, state["left"]) if pending is not None else (None, 0)
+
+    def __call__(self, cursor: ShardCursor) -> Iterator[dict[str, Any]]:
+        if self.left:  # restored between the copies of one sample
+            yield from self._repeat()
+        for members in cursor:
+            self.pending, self.left = members, self.copies(members, cursor.draw_number)
+            yield from self._repeat()
+
+    def _repeat(self) -> Iterator[dict[str, Any]]:
+        while self.left:
+            self.left -= 1  # before the yield: a batch made while this copy is out counts it as given
+            yield self.pending
 
 
 class ShuffleBuffer:

@@ -6,7 +6,9 @@ Top to bottom:
    shard order split between consumers, or, with ``resample``, an endless
    seeded draw with replacement. When there are fewer shards than consumers the
    samples are split instead, so small validation sets still work on many GPUs;
-2. shuffle the still-encoded samples in a buffer (cheap: PNG bytes, not pixels);
+2. repeat each sample by its ``sampling_weight`` (``data.schema``; weighted streams only):
+   ``floor(w)`` copies and one more with probability ``frac(w)`` (``data.stages.WeightedRepeats``);
+   shuffle the still-encoded samples in a buffer (cheap: PNG bytes, not pixels);
 3. decode (``data.schema.decode_sample``, or ``data.cached.decode_cached_sample`` for shards
    written by ``python -m data cache-latents``); corrupt members are skipped and
    counted, schema mismatches (a sample of another kind than the first one included)
@@ -25,6 +27,7 @@ stream stands after it (``data.stages``), so that a resumed run continues exactl
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -35,6 +38,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from data.batches import collate_cached, collate_images, collate_layers
 from data.cached import CachedSample, decode_cached_sample
 from data.schema import (
+    METADATA,
     CorruptMemberError,
     LayerSample,
     SampleKind,
@@ -42,9 +46,18 @@ from data.schema import (
     decode_sample,
     kind_mismatch,
     sample_kind,
+    sampling_weight,
 )
 from data.shards import iter_shard_samples
-from data.stages import CorruptTracker, ShardCursor, ShardsChangedError, ShuffleBuffer, SizeBuckets, read_samples
+from data.stages import (
+    CorruptTracker,
+    ShardCursor,
+    ShardsChangedError,
+    ShuffleBuffer,
+    SizeBuckets,
+    WeightedRepeats,
+    read_samples,
+)
 from layerdiff.batches import Batch
 
 Sample = LayerSample | CachedSample
@@ -74,6 +87,18 @@ class Tagged(NamedTuple):
     position: StreamPosition
 
 
+def member_sampling_weight(members: dict[str, Any]) -> float:
+    """The ``sampling_weight`` of an undecoded sample; 1.0 when its JSON is missing or damaged,
+    which decoding then reports. A weight that is no number >= 0 raises ``SchemaError``."""
+    try:
+        metadata = json.loads(members[METADATA])
+    except (KeyError, TypeError, ValueError):
+        return 1.0
+    if not isinstance(metadata, dict):
+        return 1.0
+    return sampling_weight(metadata, members.get("__url__"), members.get("__key__"))
+
+
 def detect_sample_kind(shards: list[str]) -> SampleKind:
     """The kind of the first sample the shards hold (the image kind when none can be read).
 
@@ -92,7 +117,8 @@ class ShardStream(IterableDataset):
     ``kind`` is the kind of sample every sample must be; by default that of the first sample
     of ``shards`` (``detect_sample_kind``). ``require_layers`` gives ``LayeredBatch``es (samples
     without layers raise ``SchemaError``), else image or cached batches by ``kind``. With
-    ``track_position`` every ``StreamPosition`` carries the stream's state; ``resume_from``
+    ``track_position`` every ``StreamPosition`` carries the stream's state; ``weighted`` draws each sample
+    by its ``sampling_weight`` (a repeated sample is decoded, and counted if corrupt, per copy); ``resume_from``
     maps logical workers to such states to continue from, and ``worker_offset`` rotates which
     DataLoader worker plays which logical worker, so that the DataLoader's round-robin
     continues with the worker that was next (see ``data.loader.EpochDataLoader``).
@@ -113,6 +139,7 @@ class ShardStream(IterableDataset):
         max_corrupt_fraction: float,
         kind: SampleKind | None = None,
         track_position: bool = False,
+        weighted: bool = False,
         transform: SampleTransform | None = None,
         batch_transform: BatchTransform | None = None,
     ):
@@ -133,6 +160,7 @@ class ShardStream(IterableDataset):
                 "no layers. Fix: pass `require_layers: false`, or train this objective on image shards."
             )
         self.track_position = track_position
+        self.weighted = weighted
         self.transform = transform
         self.batch_transform = batch_transform
         self.collate = collate_layers if require_layers else collate_cached if self.kind.cached else collate_images
@@ -147,19 +175,21 @@ class ShardStream(IterableDataset):
         consumer, consumers = self.rank * num_workers + logical_worker, self.world_size * num_workers
         tracker = CorruptTracker(self.max_corrupt_fraction)
         cursor = self._cursor(consumer, consumers, tracker)
+        repeats = WeightedRepeats(member_sampling_weight, self.seed, self.epoch) if self.weighted else None
         shuffler = None
         if self.shuffle and self.shuffle_buffer > 1:
             shuffler = ShuffleBuffer(self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, consumer, 1]))
         buckets = SizeBuckets(self.batch_size)
         state = self.resume_from.get(logical_worker)
         if state is not None:
-            self._restore(state, cursor, shuffler, buckets, tracker)
+            self._restore(state, cursor, repeats, shuffler, buckets, tracker)
 
         def emit(samples: list[Sample]) -> Tagged:
             position = StreamPosition(logical_worker, tracker.take_pending())
             if self.track_position:
                 position.state = {
                     "cursor": cursor.state(),
+                    "repeats": repeats.state() if repeats is not None else None,
                     "shuffle": shuffler.state() if shuffler is not None else None,
                     "buckets": buckets.state(),
                     **tracker.state(),
@@ -169,7 +199,8 @@ class ShardStream(IterableDataset):
                 batch = self.batch_transform(batch)
             return Tagged(batch, position)
 
-        members = shuffler(cursor) if shuffler is not None else iter(cursor)
+        drawn = repeats(cursor) if repeats is not None else iter(cursor)
+        members = shuffler(drawn) if shuffler is not None else drawn
         for sample in self._decoded(members, tracker):
             full = buckets.add(sample.size, sample)
             if full is not None:
@@ -198,14 +229,16 @@ class ShardStream(IterableDataset):
         self,
         state: dict[str, Any],
         cursor: ShardCursor,
+        repeats: WeightedRepeats | None,
         shuffler: ShuffleBuffer | None,
         buckets: SizeBuckets,
         tracker: CorruptTracker,
     ) -> None:
         """Put the pipeline where it was after the batch ``state`` was recorded with."""
+        pending = WeightedRepeats.refs(state.get("repeats")) if repeats is not None else []  # older states have none
         buffered = shuffler.refs(state["shuffle"]) if shuffler is not None else []
         bucketed = SizeBuckets.refs(state["buckets"])
-        wanted = buffered + [ref for _, refs in bucketed for ref in refs]
+        wanted = pending + buffered + [ref for _, refs in bucketed for ref in refs]
         samples = read_samples(wanted)
         missing = [ref for ref in wanted if ref not in samples]
         if missing:
@@ -218,6 +251,8 @@ class ShardStream(IterableDataset):
             shuffler.restore(state["shuffle"], [samples[ref] for ref in buffered])
         for size, refs in bucketed:
             buckets.groups[size] = [self._decode(samples[ref]) for ref in refs]
+        if repeats is not None:
+            repeats.restore(state.get("repeats"), samples[pending[0]] if pending else None)
         cursor.restore(state["cursor"])
         tracker.restore(state)
 

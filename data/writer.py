@@ -83,6 +83,17 @@ class WriteReport:
         return "\n".join(lines)
 
 
+def alpha_problem(alpha_levels: np.ndarray) -> str | None:
+    """Why LayerDiffusion sec. 3.4 drops an image with these 8-bit alpha levels (``NO_TRANSPARENT_PIXEL``
+    or ``NO_VISIBLE_PIXEL``), or None when it has a transparent and a visible pixel. ``data.filters``
+    applies the same check to written shards."""
+    if alpha_levels.min() == 255:
+        return NO_TRANSPARENT_PIXEL
+    if alpha_levels.max() == 0:
+        return NO_VISIBLE_PIXEL
+    return None
+
+
 def parse_buckets(text: str) -> list[tuple[int, int]]:
     """Parse ``"1024x1024,1152x896"`` (WIDTHxHEIGHT, comma-separated) into ``[(w, h), ...]``."""
     buckets = []
@@ -242,11 +253,9 @@ def _prepare(job: _Job) -> Dropped | tuple[TarSample, bool]:
     original_size = rgba.shape[:2]
     width, height = nearest_bucket(original_size[1], original_size[0], list(job.targets))
     rgba, crop_top_left = resize_and_crop(rgba, width, height)
-    alpha_levels = np.rint(np.clip(rgba[..., 3], 0.0, 1.0) * 255.0)  # as the 8-bit PNG will store it
-    if alpha_levels.min() == 255:
-        return Dropped(relative, NO_TRANSPARENT_PIXEL)
-    if alpha_levels.max() == 0:
-        return Dropped(relative, NO_VISIBLE_PIXEL)
+    problem = alpha_problem(np.rint(np.clip(rgba[..., 3], 0.0, 1.0) * 255.0))  # as the 8-bit PNG will store it
+    if problem is not None:
+        return Dropped(relative, problem)
     caption_paths = (job.path.with_suffix(".txt"),) if job.layered is None else job.layered.caption_paths()
     captions = []
     for path in caption_paths:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -51,16 +52,20 @@ def write_tiny_shards(
     sizes: tuple[tuple[int, int], ...] = ((32, 32),),
     layers: bool = False,
     damage: dict[int, dict[str, bytes | None]] | None = None,
+    metadata: dict[int, dict[str, Any]] | None = None,
 ) -> list[str]:
     """Write ``count`` tiny samples (sizes cycling through ``sizes``) and return the shard paths.
 
     ``damage`` maps a sample index to member replacements: bytes replace a member,
-    ``None`` removes it.
+    ``None`` removes it. ``metadata`` maps a sample index to further JSON fields
+    (e.g. ``{"sampling_weight": 2}``).
     """
     with ShardWriter(out_dir, per_shard) as writer:
         for index in range(count):
             height, width = sizes[index % len(sizes)]
-            members = encode_sample(tiny_sample(index, height, width, layers=layers))
+            sample = tiny_sample(index, height, width, layers=layers)
+            sample.provenance = dict((metadata or {}).get(index, {}))
+            members = encode_sample(sample)
             for name, replacement in (damage or {}).get(index, {}).items():
                 if replacement is None:
                     del members[name]
