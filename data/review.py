@@ -222,9 +222,9 @@ def serve(round_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
         if journal.torn_bytes:
             announce(f"dropped a decision cut short by a crash ({journal.torn_bytes} bytes at the end of {journal.path}); "
                      "the page never saw it saved")
-        resume = f"the page opens at sample {first + 1}" if first is not None else "every sample has a decision"
-        announce(f"round {manifest.name}: {len(manifest.samples) - counts[UNDECIDED]} of {len(manifest.samples)} decided, "
-                 f"{counts['picked']} picked; {resume}")
+        resume = f"the page opens at sample {first + 1:,}" if first is not None else "every sample has a decision"
+        announce(f"round {manifest.name}: {len(manifest.samples) - counts[UNDECIDED]:,} of {len(manifest.samples):,} decided, "
+                 f"{counts['picked']:,} picked; {resume}")
         if host not in LOOPBACK:
             announce(f"warning: listening on {host}, reachable from other machines over plain HTTP; the token is the only "
                      "protection. Prefer the default 127.0.0.1 and an SSH tunnel (ssh -L)")
