@@ -93,7 +93,8 @@ def _check_not_other_shards(out_dir: Path, round_name: str) -> None:
         by = written.get("created_by", "an unknown program")
         raise RoundError(f"{out_dir} already holds shards ({by}{', round ' + written['round'] if 'round' in written else ''}),"
                          f" which adding round {round_name} there would replace; give a new folder, e.g. "
-                         f"{out_dir.parent / (round_name + '-shards')}")
+                         f"{out_dir.parent / (round_name + '-shards')} (or, if they are what an interrupted "
+                         "`round add` of this round left, delete them first)")
 
 
 @dataclass(frozen=True)

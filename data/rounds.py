@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,7 @@ def generate_round(
     count: int,
     configs: list[str],
     seed: int = 0,
-    train_arguments: list[str] = (),
+    train_arguments: Sequence[str] = (),
 ) -> RoundManifest:
     """Generate ``count`` images with ``train.py predict`` (a subprocess: the composition root sits above
     ``data``) from prompts drawn from ``prompt_file``; sample ``i`` has seed ``seed + i``. Writes the round
