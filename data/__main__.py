@@ -1,11 +1,12 @@
-"""Command-line tools for layerdiff shards: ``python -m data {write,validate,filter,demo,cache-latents} --help``."""
-
+"""Command-line tools for layerdiff shards: ``python -m data {write,validate,filter,demo,cache-latents,round} --help``."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 import time
+
+from data.round_cli import add_round_commands
 
 DESCRIPTION = """\
 Tools for layerdiff's webdataset shards (schema: data/schema.py).
@@ -23,6 +24,8 @@ Tools for layerdiff's webdataset shards (schema: data/schema.py).
   pretrain-base
             pretrain the embedded tiny model's VAE and UNet on the demo's RGB images
             (the weights of embedded:tiny-sdxl-pretrained)
+  round     a human-in-the-loop round (LayerDiffusion sec. 3.4): generate images with the
+            current model, review them in a web page, add the picks to the training data
 """
 
 WRITE_DESCRIPTION = """\
@@ -94,7 +97,13 @@ shard, key and why. Exit status 1 when nothing is left, 2 on bad arguments.
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # after "--": arguments for train.py, passed on as they are (`round generate`)
+    train_arguments = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if "--" in argv and not getattr(args, "takes_train_arguments", False):
+        parser.error("only `round generate` takes arguments after --")
+    args.train_arguments = train_arguments
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as error:
@@ -314,6 +323,8 @@ def _parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--vae-steps", type=int, help="VAE fitting steps (default: the recipe's)")
     pretrain.add_argument("--unet-steps", type=int, help="UNet training steps (default: the recipe's)")
     pretrain.set_defaults(run=_pretrain_base)
+
+    add_round_commands(commands)
     return parser
 
 

@@ -113,6 +113,17 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda bucket: abs(math.log(bucket[0] / bucket[1]) - aspect))
 
 
+def fit_to_targets(rgba: np.ndarray, targets: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, tuple[int, int]]:
+    """Resize float RGBA to cover the ``(w, h)`` target nearest its aspect ratio, centre-crop; return it and ``(top, left)``."""
+    width, height = nearest_bucket(rgba.shape[1], rgba.shape[0], list(targets))
+    return resize_and_crop(rgba, width, height)
+
+
+def cutout_problem(rgba: np.ndarray) -> str | None:
+    """:func:`alpha_problem` of a float RGBA cut-out, on its alpha as the 8-bit PNG will store it."""
+    return alpha_problem(np.rint(np.clip(rgba[..., 3], 0.0, 1.0) * 255.0))
+
+
 @dataclass(frozen=True)
 class _Job:
     path: Path
@@ -251,9 +262,9 @@ def _prepare(job: _Job) -> Dropped | tuple[TarSample, bool]:
     except Exception as error:  # noqa: BLE001 - any decode failure of one input file is reported, not fatal
         return Dropped(relative, UNREADABLE, f"{type(error).__name__}: {error}")
     original_size = rgba.shape[:2]
-    width, height = nearest_bucket(original_size[1], original_size[0], list(job.targets))
-    rgba, crop_top_left = resize_and_crop(rgba, width, height)
-    problem = alpha_problem(np.rint(np.clip(rgba[..., 3], 0.0, 1.0) * 255.0))  # as the 8-bit PNG will store it
+    rgba, crop_top_left = fit_to_targets(rgba, job.targets)
+    height, width = rgba.shape[:2]  # the target's: the layers take the same crop
+    problem = cutout_problem(rgba)
     if problem is not None:
         return Dropped(relative, problem)
     caption_paths = (job.path.with_suffix(".txt"),) if job.layered is None else job.layered.caption_paths()

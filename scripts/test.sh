@@ -4,7 +4,8 @@
 #   bash scripts/test.sh -k data -x      # extra arguments go to pytest
 # The SLURM tests start a real one-node cluster: slurm-wlm and munge are installed when missing
 # (as root); LAYERDIFF_SKIP_SLURM_TESTS=1 skips those tests on machines that cannot. Likewise chromium
-# for the report's headless-browser test (LAYERDIFF_SKIP_BROWSER_TESTS=1 skips it).
+# and chromium-driver for the headless-browser tests of the report and the review page
+# (LAYERDIFF_SKIP_BROWSER_TESTS=1 skips them).
 set -euo pipefail
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$repo_root/scripts/setup.sh"

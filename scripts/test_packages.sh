@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the system programs a group of tests needs, when they are missing:
 #   bash scripts/test_packages.sh slurm     # tests/test_slurm.py: a real one-node SLURM cluster on loopback
-#   bash scripts/test_packages.sh browser   # tests/test_report.py: the demo's results page in headless chromium
+#   bash scripts/test_packages.sh browser   # tests/test_report.py, tests/test_review.py: pages in headless chromium
+#                                           # (the review page driven through chromium-driver)
 # Called by scripts/test.sh. Does nothing when the programs are there already; otherwise installs
 # the Debian packages with apt-get (as root), updating the package lists only if the install needs it.
 #
@@ -17,9 +18,9 @@ case "$group" in
     packages=(slurm-wlm munge)
     programs=(slurmctld slurmd sbatch srun scontrol scancel squeue munged mungekey) ;;
   browser)
-    tests="the report's headless-browser tests"; skip_variable=LAYERDIFF_SKIP_BROWSER_TESTS
-    packages=(chromium)
-    programs=(chromium) ;;
+    tests="the headless-browser tests (report, review page)"; skip_variable=LAYERDIFF_SKIP_BROWSER_TESTS
+    packages=(chromium chromium-driver)
+    programs=(chromium chromedriver) ;;
   *) echo "usage: $0 slurm|browser (not '$group')" >&2; exit 2 ;;
 esac
 
