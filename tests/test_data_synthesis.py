@@ -20,6 +20,7 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from benchmarks import synthesis_throughput as throughput
 from data.__main__ import main
 from data.schema import decode_sample
 from data.shards import iter_shard_samples
@@ -297,3 +298,12 @@ def test_two_processes_share_the_shards_and_write_what_one_writes(uninterrupted,
     assert shares == {0: [0, 2], 1: [1, 3]}, output[-4000:]  # each shard made by one process
     assert _files(tmp_path / "out") == _files(reference)
 
+
+def test_the_throughput_benchmark_times_the_passes_and_the_whole_command(inpaint_model, tmp_path, capsys):
+    write_tiny_shards(tmp_path / "fg", 3, sizes=((64, 64),))
+    throughput.main(["--model", str(inpaint_model), "--foregrounds", str(tmp_path / "fg"), "--samples", "2",
+                     "--steps", "2", "--batch-sizes", "1,2", "--repeats", "1", "--no-write"])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isalpha()]
+    assert [line.split(" | ")[:2] for line in table[1:]] == [
+        ["| inpainting passes", "1"], ["| whole command", "1"], ["| inpainting passes", "2"], ["| whole command", "2"]]
+    assert all(float(line.split(" | ")[2]) > 0 for line in table[1:])
