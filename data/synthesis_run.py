@@ -174,8 +174,9 @@ class SynthesisDataModule(LightningDataModule):
         remaining = [shard for shard in range(len(self.plan.shards)) if shard not in finished]
         rank, world = self.trainer.global_rank, self.trainer.world_size
         mine = remaining[rank::world]
-        print(f"synthesize-layers rank {rank}/{world}: shards {mine} ({len(remaining)} unfinished of {len(self.plan.shards)})",
-              flush=True)
+        shown = f"{mine}" if len(mine) <= 10 else f"{mine[:10]} ... ({len(mine)} in all)"
+        print(f"synthesize-layers rank {rank}/{world}: shards {shown} ({len(remaining)} unfinished of "
+              f"{len(self.plan.shards)})", flush=True)
         self.chunks = []
         for shard in mine:
             items = self.plan.shards[shard]

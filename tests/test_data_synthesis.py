@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -30,7 +30,9 @@ from layerdiff.models import base
 from layerdiff.models.tiny import TINY_SDXL_VERSION
 from layerdiff.models.tiny_inpaint import build_tiny_sdxl_inpaint
 from layerdiff.pipelines.layer_synthesis import (
+    LayerSynthesizer,
     NotAnInpaintingModelError,
+    SynthesisSettings,
     background_masks,
     blend_masks,
     load_inpainting_pipeline,
@@ -244,6 +246,10 @@ def test_png_foregrounds_take_their_prompt_chunk_as_caption_keys_match_and_bad_i
     assert main([*command[:2], str(tmp_path / "other"), *command[3:6], str(tiny_sdxl), *TINY, "--skip-broken-prompts"]) == 2
     error = capsys.readouterr().err
     assert f"is not an inpainting model: its UNet ({tiny_sdxl}/unet/config.json) takes 4 input channels" in error
+    assert main([*command[:2], str(tmp_path / "other"), *command[3:6], str(tmp_path / "nowhere"), *TINY,
+                 "--skip-broken-prompts"]) == 2
+    error = capsys.readouterr().err
+    assert f"inpainting model '{tmp_path / 'nowhere'}' not found: Base model" in error and "embedded:tiny-sdxl-inpaint" in error
 
 
 @pytest.fixture(scope="module")
@@ -307,3 +313,22 @@ def test_the_throughput_benchmark_times_the_passes_and_the_whole_command(inpaint
     assert [line.split(" | ")[:2] for line in table[1:]] == [
         ["| inpainting passes", "1"], ["| whole command", "1"], ["| inpainting passes", "2"], ["| whole command", "2"]]
     assert all(float(line.split(" | ")[2]) > 0 for line in table[1:])
+
+
+def test_an_sd15_inpainting_model_synthesises_too(tiny_sd15, tmp_path):
+    sd15 = StableDiffusionPipeline.from_pretrained(tiny_sd15)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**sd15.unet.config, "in_channels": 9})
+    StableDiffusionInpaintPipeline(vae=sd15.vae, text_encoder=sd15.text_encoder, tokenizer=sd15.tokenizer, unet=unet,
+                                   scheduler=sd15.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False).save_pretrained(tmp_path / "sd15-inpaint")
+    pipeline = load_inpainting_pipeline(str(tmp_path / "sd15-inpaint"))
+    assert type(pipeline).__name__ == "StableDiffusionInpaintPipeline"
+    foreground = torch.from_numpy(tiny_rgba(64, 64, seed=1) / 255.0).permute(2, 0, 1)[None].float()
+    layers = LayerSynthesizer(pipeline, SynthesisSettings(size=64, steps=2, erosion_radius=3))(
+        foreground, ["a blob in a garden"], ["nothing in a garden"], [0])
+    opaque = foreground[:, 3:] == 1
+    assert torch.equal(layers.blend[opaque.expand(-1, 3, -1, -1)], foreground[:, :3][opaque.expand(-1, 3, -1, -1)])
+    hole = torch.from_numpy(background_masks(foreground[:, 3:].numpy(), 3)) > 0
+    assert torch.equal(layers.background[~hole.expand(-1, 3, -1, -1)], layers.blend[~hole.expand(-1, 3, -1, -1)])
+    assert not torch.equal(layers.background, layers.blend)

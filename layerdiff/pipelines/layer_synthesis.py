@@ -29,7 +29,13 @@ from diffusers import AutoPipelineForInpainting, DiffusionPipeline, UNet2DCondit
 from huggingface_hub import hf_hub_download
 from scipy.ndimage import distance_transform_edt
 
-from layerdiff.models.base import MODEL_CONFIG_FILE, MODEL_INDEX_FILE, locate_component, unet_architecture
+from layerdiff.models.base import (
+    MODEL_CONFIG_FILE,
+    MODEL_INDEX_FILE,
+    BaseModelNotFoundError,
+    locate_component,
+    unet_architecture,
+)
 from layerdiff.models.tiny_inpaint import INPAINT_UNET_IN_CHANNELS
 from layerdiff.rgba import composite
 
@@ -115,7 +121,14 @@ def load_inpainting_pipeline(model: str, *, dtype: torch.dtype = torch.float32) 
     Its UNet is checked first: an inpainting UNet takes 9 input channels; anything else raises
     ``NotAnInpaintingModelError`` naming the config it was read from.
     """
-    source, local_only = locate_component(model, "unet", MODEL_CONFIG_FILE)
+    try:
+        source, local_only = locate_component(model, "unet", MODEL_CONFIG_FILE)
+    except BaseModelNotFoundError as error:
+        raise BaseModelNotFoundError(
+            f"inpainting model {model!r} not found: {str(error).splitlines()[0]}\nGive --model a local diffusers folder "
+            "(e.g. `hf download diffusers/stable-diffusion-xl-1.0-inpainting-0.1 --local-dir DIR` on a machine with "
+            "internet), a Hub id in the Hugging Face cache, or embedded:tiny-sdxl-inpaint to try the machinery"
+        ) from error
     unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", local_files_only=local_only)
     channels = unet_config.get("in_channels")
     if channels != INPAINT_UNET_IN_CHANNELS:
