@@ -187,9 +187,9 @@ class LayerSynthesizer:
         known = composite(rgb, alpha, torch.full_like(rgb, 0.5))
         inpainted = self._inpaint(known, blend_masks(alpha.numpy()), blend_prompts, generators)
         blend = composite(rgb, alpha, inpainted)
-        hole = torch.from_numpy(background_masks(alpha.numpy(), self.settings.erosion_radius))
-        inpainted = self._inpaint(blend, hole.numpy(), background_prompts, generators)
-        background = inpainted * hole + blend * (1.0 - hole)
+        hole = background_masks(alpha.numpy(), self.settings.erosion_radius)
+        inpainted = self._inpaint(blend, hole, background_prompts, generators)
+        background = torch.where(torch.from_numpy(hole) > 0, inpainted, blend)
         return SynthesizedLayers(blend=blend, background=background)
 
     def _inpaint(self, images: torch.Tensor, masks: np.ndarray, prompts: list[str], generators: list) -> torch.Tensor:
