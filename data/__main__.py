@@ -1,4 +1,5 @@
-"""Command-line tools for layerdiff shards: ``python -m data {write,validate,filter,demo,cache-latents,round} --help``."""
+"""Command-line tools for layerdiff shards: ``python -m data <command> --help`` (commands below)."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import sys
 import time
 
 from data.round_cli import add_round_commands
+from data.synthesis_cli import add_synthesis_commands
 
 DESCRIPTION = """\
 Tools for layerdiff's webdataset shards (schema: data/schema.py).
@@ -26,7 +28,11 @@ Tools for layerdiff's webdataset shards (schema: data/schema.py).
             (the weights of embedded:tiny-sdxl-pretrained)
   round     a human-in-the-loop round (LayerDiffusion sec. 3.4): generate images with the
             current model, review them in a web page, add the picks to the training data
+  synthesize-layers
+            make layered shards (fg, bg, blend) from transparent foregrounds and prompt
+            triples by inpainting (LayerDiffusion sec. 3.4); resumable, on every device
 """
+
 
 WRITE_DESCRIPTION = """\
 Convert every image under SRC_DIR (recursively) into shards in OUT_DIR. Each image is resized
@@ -325,6 +331,7 @@ def _parser() -> argparse.ArgumentParser:
     pretrain.set_defaults(run=_pretrain_base)
 
     add_round_commands(commands)
+    add_synthesis_commands(commands)
     return parser
 
 

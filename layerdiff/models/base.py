@@ -1,7 +1,8 @@
 """The one place pretrained base models (SDXL, SD1.5, the embedded tiny model) are loaded.
 
 A base model is named by a Hugging Face Hub id, a local folder in the diffusers
-``save_pretrained`` layout, or ``embedded:tiny-sdxl`` / ``embedded:tiny-sdxl-pretrained`` (built on first use).
+``save_pretrained`` layout, or ``embedded:tiny-sdxl`` / ``embedded:tiny-sdxl-pretrained`` /
+``embedded:tiny-sdxl-inpaint`` (built on first use).
 Every loader goes through ``locate_component`` first, which settles where the files come
 from without waiting on a network that is not there: a local folder is checked on disk;
 a Hub id is looked up in the Hugging Face cache when offline (``HF_HUB_OFFLINE``) or when
@@ -27,22 +28,31 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from layerdiff.models.tiny import TINY_SDXL_VERSION, build_pretrained_tiny_sdxl, build_tiny_sdxl, pretrained_weights_version
+from layerdiff.models.tiny_inpaint import TINY_INPAINT_VERSION, build_tiny_sdxl_inpaint
 from layerdiff.paths import EMBEDDED_PREFIX, cache_dir, is_embedded
 
 Architecture = Literal["sdxl", "sd15"]
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 Loaded = TypeVar("Loaded")
 
+
+def _build_tiny_sdxl_inpaint(out_dir: Path) -> Path:
+    # The inpainting model copies the parts of the embedded tiny SDXL, built first if need be.
+    return build_tiny_sdxl_inpaint(out_dir, ensure_embedded_model("tiny-sdxl"))
+
+
 # Builders for ``embedded:<name>``; each writes a complete model folder atomically.
 EMBEDDED_MODELS: dict[str, Callable[[Path], Path]] = {
     "tiny-sdxl": build_tiny_sdxl,
     "tiny-sdxl-pretrained": build_pretrained_tiny_sdxl,
+    "tiny-sdxl-inpaint": _build_tiny_sdxl_inpaint,
 }
 # Recipe version of each builder (or what computes it), part of its cache folder name: a
 # changed recipe or weights file builds a new folder instead of silently reusing the stale one.
-EMBEDDED_MODEL_VERSIONS: dict[str, int | Callable[[], str]] = {
+EMBEDDED_MODEL_VERSIONS: dict[str, int | str | Callable[[], str]] = {
     "tiny-sdxl": TINY_SDXL_VERSION,
     "tiny-sdxl-pretrained": pretrained_weights_version,
+    "tiny-sdxl-inpaint": f"{TINY_SDXL_VERSION}.{TINY_INPAINT_VERSION}",
 }
 HUB_PROBE_TIMEOUT_S = 3.0
 

@@ -41,3 +41,16 @@ def run_train_py(*arguments: str, timeout: float = 600, check: bool = True, **en
     if check and result.returncode != 0:
         raise AssertionError(f"train.py exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     return result
+
+
+def data_cli_command(*arguments: str) -> list[str]:
+    """``python -m data ...`` (the shard tools) as a user types it, from the repository root."""
+    return [sys.executable, "-m", "data", *arguments]
+
+
+def start_data_cli(*arguments: str, log: Path, **environment: str) -> subprocess.Popen:
+    """``python -m data`` running in the background, stdout and stderr into the file ``log`` (a
+    pipe nobody reads would stall it once full)."""
+    with open(log, "w") as handle:
+        return subprocess.Popen(data_cli_command(*arguments), cwd=REPO, env=train_py_environment(**environment),
+                                stdout=handle, stderr=subprocess.STDOUT, text=True)
