@@ -8,12 +8,25 @@ Runs the recipes a user would run with ``train.py``, each with its demo overlay:
 3. **latent diffusion** (LD sec. 3.2): fine-tunes the tiny UNet on the adjusted latents of
    that export (validation loss before and after);
 4. **generation**: ``predict`` turns demo prompts into RGBA PNGs and a contact sheet;
-5. **joint layers** (LD sec. 3.3): foreground, background and blend LoRAs with shared attention
-   on the UNet of stage 3 (exported as a UNet folder), trained on the demo triplets (validation
-   loss per layer before and after); ``predict`` writes layer sets with a layered PSD each;
+5. **joint and conditional layers** (LD sec. 3.3): foreground, background and blend LoRAs with
+   shared attention on the UNet of stage 3 (exported as a UNet folder), trained on the demo
+   triplets jointly and with one layer given (validation loss per layer and per mode before and
+   after); ``predict`` writes layer sets with a layered PSD each (``joint_lora/generated/``),
+   backgrounds for a held-out foreground (``joint_lora/given_foreground/generated/``) and three
+   foregrounds composed one by one over a held-out background (``joint_lora/composition/generated/``);
 6. **DiffuMatting**: the pretrained tiny UNet fine-tuned on the demo emoji over pure green with the
-   green-background and transition-boundary losses (held-out losses before and after);
-   ``predict`` writes green screens and their keyed cutouts.
+   green-background and transition-boundary losses, and the matting head trained on the frozen
+   VAE decoder (held-out losses and alpha MSE of the chroma key and of the head, before and
+   after); ``predict`` writes green screens (``screen/``), the head's mattes (``alpha_head/``),
+   the refined mattes (``alpha/``), the cutouts, and ``mattes.png`` (screen, key, head, refined,
+   cutout side by side).
+
+Under ``outputs/demo/``, the transparent VAE writes ``transparent_vae/images/reconstruction_step*.png``
+(input, reconstruction, the frozen decoder's view of the adjusted latent) and ``alpha_step*.png``
+(input, predicted, error), step 0 before training; latent diffusion ``latent_diffusion/samples/step_*.png``
+(fixed prompts and seeds, RGBA on a checkerboard, alpha beneath); generation
+``latent_diffusion/generated/`` (PNGs with prompt, seed and settings in their metadata, previews, a
+contact sheet). Everything is on ``outputs/demo/index.html``.
 
 Extra command-line arguments override the recipes: ``--trainer.*`` applies to every training
 stage, ``--vae.<key>`` only to the first, ``--diffusion.<key>`` only to the second,
@@ -245,7 +258,7 @@ def matte_sheet(generated: Path, rows: int = 8) -> None:
         key = chroma_key_alpha(screen[None])[0].expand(3, -1, -1)
         lines.append([screen, key, read(generated / "alpha_head" / name), read(generated / "alpha" / name),
                       read(generated / "previews" / name)])
-    Image.fromarray(to_uint8_hwc(image_grid(lines))).save(generated / "mattes.png")
+    Image.fromarray(to_uint8_hwc(image_grid([torch.stack(line) for line in lines]))).save(generated / "mattes.png")
 
 
 def held_out(trainer, model, datamodule) -> dict:
